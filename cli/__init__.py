@@ -1,0 +1,1 @@
+"""The ``memoplan`` command line (installed as the package ``memoplan.cli``)."""

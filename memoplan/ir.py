@@ -1,0 +1,275 @@
+"""Typed records shared by the stages (profile -> solve -> emit -> runtime).
+
+Frozen, keyword-only dataclasses; sizes are integer bytes, times seconds, FLOPs counts.
+Each record converts to and from plain JSON data (``to_json`` / ``from_json``); nothing else in
+memoplan builds these dicts by hand. ``PROFILE_SCHEMA`` versions the profile file
+(documented in docs/profile-schema.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from memoplan.errors import MemoplanError
+
+PROFILE_SCHEMA = "memoplan.profile/1"
+
+SavedKind = Literal["input", "mixing_output", "other", "shared"]
+TensorRole = Literal["transient", "skeletal", "output", "grad"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class SizeLaw:
+    """A count as a polynomial in sequence length S: ``sum(c_i * S**i)``.
+
+    ``exact`` says whether the polynomial reproduced every profiled length exactly;
+    ``max_rel_error`` is its worst relative error on them.
+    """
+
+    coeffs: tuple[float, ...]
+    exact: bool = True
+    max_rel_error: float = 0.0
+
+    def at(self, seq: int) -> float:
+        """Value at sequence length ``seq`` (not rounded)."""
+        return float(sum(c * seq**i for i, c in enumerate(self.coeffs)))
+
+    def bytes_at(self, seq: int) -> int:
+        """Value at ``seq`` rounded to whole bytes (never negative)."""
+        return max(0, round(self.at(seq)))
+
+    @property
+    def per_token(self) -> float:
+        """The linear coefficient (bytes or FLOPs per token)."""
+        return self.coeffs[1] if len(self.coeffs) > 1 else 0.0
+
+    @property
+    def degree(self) -> int:
+        return max((i for i, c in enumerate(self.coeffs) if c != 0), default=0)
+
+    def to_json(self) -> dict:
+        return {"coeffs": list(self.coeffs), "exact": self.exact, "max_rel_error": self.max_rel_error}
+
+    @classmethod
+    def from_json(cls, d: dict) -> SizeLaw:
+        return cls(coeffs=tuple(float(c) for c in d["coeffs"]), exact=bool(d["exact"]),
+                   max_rel_error=float(d.get("max_rel_error", 0.0)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class SavedTensor:
+    """One storage saved for backward by the layer (parameters excluded).
+
+    ``kind``: ``input`` (the layer's hidden-state input), ``mixing_output`` (made by a
+    token-mixing op such as attention), ``shared`` (another layer argument that every layer
+    shares, e.g. RoPE tables: counted once, not per layer), or ``other``.
+    ``token_wise``: an ``other`` tensor that can be recomputed for any subset of tokens from the
+    layer input, the shared inputs and the mixing outputs (always False for the other kinds,
+    which are kept whole). ``seq_axis`` is the token axis of ``shape`` (None if it has none).
+    """
+
+    name: str
+    tensor_id: int
+    kind: SavedKind
+    token_wise: bool
+    producer: str
+    shape: tuple[int, ...]
+    dtype: str
+    seq_axis: int | None
+    bytes: int
+    bytes_per_token: float
+    law: SizeLaw
+    segment: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class TensorSpan:
+    """One allocation (a storage) of the layer's forward or backward.
+
+    ``role``: ``transient`` (created and freed in the same phase), ``skeletal`` (created in
+    forward, freed in backward), ``output`` (the layer's output, handed to the next layer) or
+    ``grad`` (gradients the backward returns).
+    """
+
+    id: int
+    name: str
+    phase: Literal["forward", "backward"]
+    role: TensorRole
+    bytes: int
+    law: SizeLaw
+
+
+@dataclass(frozen=True, kw_only=True)
+class Segment:
+    """A maximal token-wise region of the forward graph (fx node names)."""
+
+    id: int
+    nodes: tuple[str, ...]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class FlopSplit:
+    """FLOPs of one phase at the profiled length, split by token-wise vs token-mixing ops."""
+
+    token_wise: int
+    mixing: int
+    token_wise_law: SizeLaw
+    mixing_law: SizeLaw
+
+    @property
+    def total(self) -> int:
+        return self.token_wise + self.mixing
+
+    def total_at(self, seq: int) -> float:
+        return self.token_wise_law.at(seq) + self.mixing_law.at(seq)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelInfo:
+    file: str
+    layer_class: str
+    layer_path: str
+    num_layers: int
+    param_bytes_per_layer: int
+    param_bytes_total: int
+    dtype: str
+    hidden_size: int | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerProfile:
+    saved: tuple[SavedTensor, ...]
+    tensors: tuple[TensorSpan, ...]
+    requests_forward: tuple[tuple[str, int, int], ...]
+    requests_backward: tuple[tuple[str, int, int], ...]
+    peak_forward: int
+    peak_backward: int
+    segments: tuple[Segment, ...]
+    mixing_ops: tuple[str, ...]
+    flops_forward: FlopSplit
+    flops_backward: FlopSplit
+    time_forward_s: float
+    time_backward_s: float
+    graph_nodes: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Profile:
+    """Everything the solver needs about one model: see docs/profile-schema.md."""
+
+    model: ModelInfo
+    layer: LayerProfile
+    seq_len: int
+    seq_lens: tuple[int, ...]
+    time_source: Literal["measured", "estimated"]
+    hardware: str
+    device: str
+    notes: tuple[str, ...] = ()
+    schema: str = PROFILE_SCHEMA
+    hash: str = ""
+    # tensors that the solver must treat specially are reachable from the methods below
+
+    def saved_bytes_per_token(self, kind: str | None = None) -> float:
+        return sum(t.bytes_per_token for t in self.layer.saved if kind is None or t.kind == kind)
+
+    def to_json(self) -> dict:
+        return _profile_to_json(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> Profile:
+        try:
+            return _profile_from_json(d)
+        except (KeyError, TypeError, ValueError) as e:
+            raise MemoplanError(
+                f"The profile file is incomplete or malformed ({type(e).__name__}: {e}). "
+                f"Run 'memoplan profile' again to write a fresh one."
+            ) from e
+
+
+def _law(d: dict) -> SizeLaw:
+    return SizeLaw.from_json(d)
+
+
+def _profile_to_json(p: Profile) -> dict:
+    L = p.layer
+
+    def split(f: FlopSplit) -> dict:
+        return {"token_wise": f.token_wise, "mixing": f.mixing, "total": f.total,
+                "token_wise_law": f.token_wise_law.to_json(), "mixing_law": f.mixing_law.to_json()}
+
+    return {
+        "schema": p.schema,
+        "hash": p.hash,
+        "model": asdict(p.model),
+        "seq_len": p.seq_len,
+        "seq_lens": list(p.seq_lens),
+        "time_source": p.time_source,
+        "hardware": p.hardware,
+        "device": p.device,
+        "notes": list(p.notes),
+        "layer": {
+            "saved": [
+                {**{k: v for k, v in asdict(t).items() if k != "law"}, "shape": list(t.shape),
+                 "law": t.law.to_json()}
+                for t in L.saved
+            ],
+            "tensors": [{**{k: v for k, v in asdict(t).items() if k != "law"}, "law": t.law.to_json()}
+                        for t in L.tensors],
+            "requests": {"forward": [list(r) for r in L.requests_forward],
+                         "backward": [list(r) for r in L.requests_backward]},
+            "peak": {"forward": L.peak_forward, "backward": L.peak_backward},
+            "segments": [{"id": s.id, "nodes": list(s.nodes), "inputs": list(s.inputs),
+                          "outputs": list(s.outputs)} for s in L.segments],
+            "mixing_ops": list(L.mixing_ops),
+            "flops": {"forward": split(L.flops_forward), "backward": split(L.flops_backward)},
+            "time": {"forward_s": L.time_forward_s, "backward_s": L.time_backward_s},
+            "graph_nodes": L.graph_nodes,
+        },
+    }
+
+
+def _profile_from_json(d: dict) -> Profile:
+    ld = d["layer"]
+
+    def split(f: dict) -> FlopSplit:
+        return FlopSplit(token_wise=int(f["token_wise"]), mixing=int(f["mixing"]),
+                         token_wise_law=_law(f["token_wise_law"]), mixing_law=_law(f["mixing_law"]))
+
+    saved = tuple(
+        SavedTensor(**{**{k: v for k, v in t.items() if k not in ("law", "shape")},
+                       "shape": tuple(t["shape"]), "law": _law(t["law"])})
+        for t in ld["saved"]
+    )
+    tensors = tuple(TensorSpan(**{**{k: v for k, v in t.items() if k != "law"}, "law": _law(t["law"])})
+                    for t in ld["tensors"])
+    layer = LayerProfile(
+        saved=saved,
+        tensors=tensors,
+        requests_forward=tuple((str(o), int(i), int(b)) for o, i, b in ld["requests"]["forward"]),
+        requests_backward=tuple((str(o), int(i), int(b)) for o, i, b in ld["requests"]["backward"]),
+        peak_forward=int(ld["peak"]["forward"]),
+        peak_backward=int(ld["peak"]["backward"]),
+        segments=tuple(Segment(id=s["id"], nodes=tuple(s["nodes"]), inputs=tuple(s["inputs"]),
+                               outputs=tuple(s["outputs"])) for s in ld["segments"]),
+        mixing_ops=tuple(ld["mixing_ops"]),
+        flops_forward=split(ld["flops"]["forward"]),
+        flops_backward=split(ld["flops"]["backward"]),
+        time_forward_s=float(ld["time"]["forward_s"]),
+        time_backward_s=float(ld["time"]["backward_s"]),
+        graph_nodes=int(ld["graph_nodes"]),
+    )
+    return Profile(
+        schema=d["schema"],
+        hash=d.get("hash", ""),
+        model=ModelInfo(**d["model"]),
+        layer=layer,
+        seq_len=int(d["seq_len"]),
+        seq_lens=tuple(int(s) for s in d["seq_lens"]),
+        time_source=d["time_source"],
+        hardware=d["hardware"],
+        device=d["device"],
+        notes=tuple(d.get("notes", ())),
+    )

@@ -1,0 +1,223 @@
+"""Trace one layer's forward and backward into a torch.fx graph and run it once.
+
+The layer is traced at the dispatch level with ``make_fx`` on a joint function (the layer's
+forward, then ``torch.autograd.grad`` of its outputs), so the graph holds exactly the aten ops
+that eager training runs, and every forward value that a backward node reads is a tensor that
+autograd saved. The forward/backward boundary is the graph's length when the forward returns.
+The graph is then run once by :class:`_RecordingInterpreter`, which keeps every value alive and
+records its storage and FLOPs: storages tell which values alias, FLOPs feed the cost model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.func import functional_call
+from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
+from torch.utils import _pytree as pytree
+from torch.utils.flop_counter import FlopCounterMode
+
+from memoplan.errors import MemoplanError
+
+Role = str  # "param" | "buffer" | "primary" | "shared" | "grad_out"
+
+
+@dataclass(kw_only=True)
+class LayerTrace:
+    """A joint forward+backward graph of one layer at one sequence length, with its values."""
+
+    gm: fx.GraphModule
+    seq_len: int
+    forward_nodes: list[fx.Node]
+    backward_nodes: list[fx.Node]
+    roles: dict[str, Role]                 # placeholder name -> role
+    values: dict[str, Any]                 # node name -> value of the recorded run
+    flops: dict[str, int]                  # node name -> FLOPs
+    num_outputs: int                       # the graph returns num_outputs outputs, then grads
+    flat_inputs: list[Any] = field(repr=False)
+
+    def storage(self, name: str) -> tuple[int, int] | None:
+        """(storage address, storage bytes) of a node's tensor value, or None."""
+        v = self.values.get(name)
+        if not isinstance(v, torch.Tensor) or v.layout != torch.strided:
+            return None
+        s = v.untyped_storage()
+        return (s.data_ptr(), s.nbytes()) if s.nbytes() > 0 else None
+
+
+def _tensor_leaves(tree: Any) -> list[torch.Tensor]:
+    return [x for x in pytree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
+
+
+def _pick_primary(leaves: list[Any]) -> int:
+    """Index of the hidden-state input: the first floating tensor that needs grad (else the first
+    floating tensor with two or more dims)."""
+    floats = [i for i, x in enumerate(leaves)
+              if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() >= 2]
+    needs_grad = [i for i in floats if leaves[i].requires_grad]
+    if needs_grad:
+        return needs_grad[0]
+    if floats:
+        return floats[0]
+    raise MemoplanError("The layer received no floating-point tensor argument with two or more "
+                        "dimensions, so memoplan cannot find its hidden-state input.")
+
+
+def trace_layer(layer: torch.nn.Module, args: tuple, kwargs: dict, *, seq_len: int,
+                layer_name: str) -> LayerTrace:
+    """Trace ``layer(*args, **kwargs)`` forward and backward; run the graph once."""
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    primary = _pick_primary(leaves)
+    tensor_pos = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
+    params = dict(layer.named_parameters())
+    buffers = dict(layer.named_buffers())
+    pnames, bnames = list(params), list(buffers)
+
+    def prep(i: int) -> torch.Tensor:
+        x = leaves[i].detach().clone()
+        wants_grad = i == primary or (leaves[i].requires_grad and x.is_floating_point())
+        return x.requires_grad_(wants_grad)
+
+    inputs = [prep(i) for i in tensor_pos]
+    grad_inputs = [x for x in inputs if x.requires_grad]
+    pvals = [p.detach().clone().requires_grad_(p.requires_grad) for p in params.values()]
+    bvals = [b.detach().clone() for b in buffers.values()]
+
+    def call(pv: list, bv: list, xs: list) -> Any:
+        flat = list(leaves)
+        for pos, x in zip(tensor_pos, xs):
+            flat[pos] = x
+        a, kw = pytree.tree_unflatten(flat, spec)
+        return functional_call(layer, {**dict(zip(pnames, pv)), **dict(zip(bnames, bv))}, a, kw)
+
+    try:
+        with torch.enable_grad():
+            sample = [t for t in _tensor_leaves(call(pvals, bvals, inputs)) if t.requires_grad]
+    except Exception as e:
+        raise MemoplanError(f"Running layer '{layer_name}' on its captured arguments failed: "
+                            f"{type(e).__name__}: {e}.") from e
+    if not sample:
+        raise MemoplanError(f"Layer '{layer_name}' returned no tensor that needs a gradient, so "
+                            f"it has no backward to profile.")
+    gen = torch.Generator().manual_seed(0)
+    grad_outs = [torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in sample]
+    boundary: list[int] = []
+
+    def joint(pv: list, bv: list, xs: list, gouts: list) -> tuple:
+        outs = [t for t in _tensor_leaves(call(pv, bv, xs)) if t.requires_grad]
+        mode = get_proxy_mode()
+        boundary.append(len(mode.tracer.graph.nodes) if mode is not None else -1)
+        wrt = [x for x in xs if x.requires_grad] + [p for p in pv if p.requires_grad]
+        grads = torch.autograd.grad(outs, wrt, gouts, allow_unused=True)
+        return outs, grads
+
+    try:
+        with torch.enable_grad():
+            gm = make_fx(joint, tracing_mode="real")(pvals, bvals, inputs, grad_outs)
+    except Exception as e:
+        raise MemoplanError(_trace_failure(layer_name, e)) from e
+    if not boundary or boundary[0] < 0:
+        raise MemoplanError("Internal: could not find the forward/backward boundary while tracing "
+                            f"'{layer_name}' (torch's proxy mode API changed?).")
+    nodes = list(gm.graph.nodes)
+    placeholders = [n for n in nodes if n.op == "placeholder"]
+    roles = _placeholder_roles(placeholders, len(pvals), len(bvals), tensor_pos, primary,
+                               len(grad_outs))
+    calls_fwd = [n for n in nodes[: boundary[0]] if n.op == "call_function"]
+    calls_bwd = [n for n in nodes[boundary[0]:] if n.op == "call_function"]
+    flat_inputs = [pvals, bvals, [x.detach().clone().requires_grad_(x.requires_grad) for x in inputs],
+                   grad_outs]
+    interp = _RecordingInterpreter(gm)
+    try:
+        with torch.no_grad():
+            interp.run(*flat_inputs)
+    except Exception as e:
+        raise MemoplanError(_trace_failure(layer_name, e)) from e
+    return LayerTrace(gm=gm, seq_len=seq_len, forward_nodes=calls_fwd, backward_nodes=calls_bwd,
+                      roles=roles, values=interp.values, flops=interp.flops,
+                      num_outputs=len(grad_outs),
+                      flat_inputs=flat_inputs)
+
+
+def _placeholder_roles(placeholders: list[fx.Node], n_params: int, n_buffers: int,
+                       tensor_pos: list[int], primary: int, n_gouts: int) -> dict[str, Role]:
+    roles: list[Role] = (["param"] * n_params + ["buffer"] * n_buffers
+                         + ["primary" if pos == primary else "shared" for pos in tensor_pos]
+                         + ["grad_out"] * n_gouts)
+    if len(roles) != len(placeholders):
+        raise MemoplanError(f"Internal: traced graph has {len(placeholders)} inputs, expected "
+                            f"{len(roles)}.")
+    return {p.name: r for p, r in zip(placeholders, roles)}
+
+
+def _trace_failure(layer_name: str, e: Exception) -> str:
+    return (f"Layer '{layer_name}' could not be traced with torch.fx (make_fx): "
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. memoplan traces the "
+            f"layer's forward and backward at the aten level; data-dependent Python control flow "
+            f"on tensor values, .item() calls and custom autograd functions without aten "
+            f"equivalents are the usual causes. Pass another class with --layer if this is not "
+            f"the transformer layer.")
+
+
+class _RecordingInterpreter(fx.Interpreter):
+    """Runs a graph, keeping every value (so storages are not reused) and its FLOPs."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm, garbage_collect_values=False)
+        self.values: dict[str, Any] = {}
+        self.flops: dict[str, int] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.op != "call_function":
+            result = super().run_node(n)
+            self.values[n.name] = result
+            return result
+        with FlopCounterMode(display=False) as counter:
+            result = super().run_node(n)
+        self.values[n.name] = result
+        flops = attention_flops(n, self.env)
+        self.flops[n.name] = flops if flops is not None else int(counter.get_total_flops())
+        return result
+
+
+def _bound_args(n: fx.Node, env: dict) -> dict[str, Any]:
+    """The node's arguments by schema name, with fx nodes replaced by their values."""
+    schema = getattr(n.target, "_schema", None)
+    if schema is None:
+        return {}
+    out: dict[str, Any] = {}
+    for i, a in enumerate(schema.arguments):
+        if i < len(n.args):
+            v = n.args[i]
+        elif a.name in n.kwargs:
+            v = n.kwargs[a.name]
+        else:
+            continue
+        out[a.name] = env[v] if isinstance(v, fx.Node) else v
+    return out
+
+
+def attention_flops(n: fx.Node, env: dict) -> int | None:
+    """FLOPs of a fused attention op (forward or backward), halved for causal attention.
+
+    torch's FlopCounter knows only some attention kernels and never halves for causal masks;
+    MFU in our baselines counts causal attention as 2*S^2*h per layer forward, as this does.
+    """
+    name = str(n.target)
+    if "attention" not in name or not name.startswith("aten."):
+        return None
+    a = _bound_args(n, env)
+    q, k, v = a.get("query"), a.get("key"), a.get("value")
+    if not all(isinstance(t, torch.Tensor) and t.dim() >= 3 for t in (q, k, v)):
+        return None
+    batch_heads = math.prod(q.shape[:-2])
+    sq, d = q.shape[-2], q.shape[-1]
+    sk, dv = k.shape[-2], v.shape[-1]
+    fwd = 2 * batch_heads * sq * sk * (d + dv)
+    if a.get("is_causal"):
+        fwd //= 2
+    return 2 * fwd if "backward" in name else fwd

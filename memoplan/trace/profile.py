@@ -1,0 +1,208 @@
+"""The profile stage: model file -> :class:`memoplan.ir.Profile`.
+
+It loads the file, finds the repeated layer, traces that layer forward and backward at four
+small lengths derived from ``seq`` (seq/4, seq/2, 3seq/4, seq), classifies its tensors at those
+lengths, and fits every size and FLOP count as a polynomial in the sequence length.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from memoplan.errors import MemoplanError
+from memoplan.hardware import get_hardware
+from memoplan.ir import (FlopSplit, LayerProfile, ModelInfo, Profile, SavedTensor, Segment,
+                         TensorSpan)
+from memoplan.signature import layer_signature
+from memoplan.trace.classify import (check_aligned, classify_forward, saved_storages, seq_axes,
+                                     token_segments, tensors_of)
+from memoplan.trace.graph import LayerTrace, trace_layer
+from memoplan.trace.laws import fit_law
+from memoplan.trace.layers import capture_layer_call, find_repeated_layer
+from memoplan.trace.loader import build, load_model_file
+from memoplan.trace.requests import allocation_requests, peak_live_bytes
+
+MIN_SEQ = 32
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProfileConfig:
+    """Options of ``memoplan profile``."""
+
+    model_file: Path
+    seq: int = 512            # largest profiled length; also seq/4, seq/2, 3seq/4 are traced
+    layer: str | None = None  # layer class name overriding detection and LAYER
+    dtype: str | None = None  # cast the model to this dtype first ("float32", "bfloat16", ...)
+    hardware: str = "h200"    # preset for the time estimate on a CPU
+    device: str = "cpu"       # "cuda" measures times with CUDA events
+
+    def __post_init__(self) -> None:
+        if self.seq < MIN_SEQ or self.seq % 4:
+            raise MemoplanError(f"--seq {self.seq} is too small to fit size laws: memoplan traces "
+                                f"the layer at seq/4, seq/2, 3*seq/4 and seq, so --seq must be a "
+                                f"multiple of 4 and at least {MIN_SEQ} (the default is 512).")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise MemoplanError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}.")
+        if self.device not in ("cpu", "cuda"):
+            raise MemoplanError(f"--device must be 'cpu' or 'cuda', not {self.device!r}.")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise MemoplanError("--device cuda was given but no CUDA device is available.")
+
+    @property
+    def seq_lens(self) -> tuple[int, ...]:
+        return (self.seq // 4, self.seq // 2, 3 * self.seq // 4, self.seq)
+
+
+def profile_model(cfg: ProfileConfig, *, progress: Callable[[str], None] = lambda m: None) -> Profile:
+    """Profile the repeated layer of ``cfg.model_file``; see the module docstring."""
+    hw = get_hardware(cfg.hardware)
+    progress("loading model file")
+    mf = load_model_file(cfg.model_file)
+    with torch.device(cfg.device) if cfg.device == "cuda" else contextlib.nullcontext():
+        model = build(mf)
+    if cfg.dtype:
+        model = model.to(DTYPES[cfg.dtype])
+    model = model.to(cfg.device).train()
+    found = find_repeated_layer(model, cfg.layer or mf.layer)
+    layer = found.first
+    traces: list[LayerTrace] = []
+    for seq_len in cfg.seq_lens:
+        progress(f"tracing {found.class_name} at {seq_len} tokens")
+        args, kwargs = capture_layer_call(mf, model, layer, seq_len)
+        traces.append(trace_layer(layer, args, kwargs, seq_len=seq_len, layer_name=found.class_name))
+    check_aligned(traces)
+    progress("classifying tensors")
+    axes = seq_axes(traces)
+    classes = classify_forward(traces[0], axes)
+    segments, member = token_segments(traces[0], classes)
+    main = traces[-1]
+    lens = cfg.seq_lens
+
+    saved_per_trace = [{s.creator.name: s for s in saved_storages(tr, classes)} for tr in traces]
+    saved_main = saved_storages(main, classes)
+    storages, req_fwd, req_bwd = allocation_requests(main)
+    storages_all = [allocation_requests(tr)[0] for tr in traces]
+    sid_by_name = {s.name: s.id for s in storages}
+    saved = []
+    for s in saved_main:
+        name = s.creator.name
+        sizes = [st[name].nbytes if name in st else 0 for st in saved_per_trace]
+        law = fit_law(lens, sizes)
+        value = tensors_of(main.values[name])[0] if tensors_of(main.values[name]) else None
+        ax = axes[name][0] if axes.get(name) else ()
+        saved.append(SavedTensor(
+            name=name, tensor_id=sid_by_name.get(name, -1), kind=s.kind, token_wise=s.token_wise,
+            producer=_producer(s.creator),
+            shape=tuple(value.shape) if value is not None else (),
+            dtype=str(value.dtype).removeprefix("torch.") if value is not None else "",
+            seq_axis=ax[0] if len(ax) == 1 else None, bytes=s.nbytes,
+            bytes_per_token=law.per_token, law=law, segment=member.get(name)))
+    tensors = []
+    for s in storages:
+        sizes = [next((x.nbytes for x in sa if x.id == s.id and x.name == s.name), 0)
+                 for sa in storages_all]
+        tensors.append(TensorSpan(id=s.id, name=s.name, phase=s.phase, role=s.role,
+                                  bytes=s.nbytes, law=fit_law(lens, sizes)))
+    skeletal_bytes = sum(s.nbytes for s in storages if s.role == "skeletal")
+
+    progress("counting FLOPs")
+    flops_fwd, flops_bwd = _flop_splits(traces, classes)
+    time_fwd, time_bwd, source = _layer_times(cfg, main, flops_fwd.total, flops_bwd.total,
+                                              hw.flops_per_s)
+    notes = [f"size law of '{t.name}' is not an exact polynomial (max rel. error "
+             f"{t.law.max_rel_error:.2e})" for t in saved if not t.law.exact]
+    mixing_ops = tuple(sorted({str(n.target) for n in traces[0].forward_nodes
+                               if classes[n.name] == "mixing" and n.op == "call_function"
+                               and str(n.target) != "<built-in function getitem>"}))
+    primary = next(n for n, r in main.roles.items() if r == "primary")
+    model_info = ModelInfo(
+        file=str(mf.path), layer_class=found.class_name, layer_path=found.path,
+        num_layers=len(found.instances),
+        param_bytes_per_layer=_state_bytes(layer),
+        param_bytes_total=_state_bytes(model),
+        dtype=str(next(layer.parameters()).dtype).removeprefix("torch."),
+        hidden_size=int(main.values[primary].shape[-1]))
+    layer_profile = LayerProfile(
+        saved=tuple(saved), tensors=tuple(tensors),
+        requests_forward=tuple(req_fwd), requests_backward=tuple(req_bwd),
+        peak_forward=peak_live_bytes(req_fwd),
+        peak_backward=peak_live_bytes(req_bwd, live_at_start=skeletal_bytes),
+        segments=tuple(Segment(id=s.id, nodes=s.nodes, inputs=s.inputs, outputs=s.outputs)
+                       for s in segments),
+        mixing_ops=mixing_ops, flops_forward=flops_fwd, flops_backward=flops_bwd,
+        time_forward_s=time_fwd, time_backward_s=time_bwd,
+        graph_nodes=len(main.forward_nodes) + len(main.backward_nodes))
+    return Profile(model=model_info, layer=layer_profile, seq_len=cfg.seq, seq_lens=lens,
+                   time_source=source, hardware=hw.name, device=cfg.device, notes=tuple(notes),
+                   hash=layer_signature(layer))
+
+
+def _producer(node: torch.fx.Node) -> str:
+    """The op that made a node's value (a multi-output op for its getitem)."""
+    if node.op != "call_function":
+        return "input"
+    if node.target is operator.getitem and isinstance(node.args[0], torch.fx.Node):
+        return f"{node.args[0].target}[{node.args[1]}]"
+    return str(node.target)
+
+
+def _state_bytes(module: torch.nn.Module) -> int:
+    seen: set[int] = set()
+    total = 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _flop_splits(traces: list[LayerTrace], classes: dict[str, str]) -> tuple[FlopSplit, FlopSplit]:
+    """Forward FLOPs split by the node classes; a backward node counts as mixing when its FLOPs
+    grow faster than linearly with the length (attention backward), else as token-wise."""
+    lens = [tr.seq_len for tr in traces]
+    fwd_names = [n.name for n in traces[0].forward_nodes]
+    bwd_names = [n.name for n in traces[0].backward_nodes]
+
+    def per_trace(names: list[str], pick: Callable[[str], bool]) -> list[int]:
+        return [sum(tr.flops.get(nm, 0) for nm in names if pick(nm)) for tr in traces]
+
+    fwd_mix = per_trace(fwd_names, lambda nm: classes[nm] == "mixing")
+    fwd_tok = per_trace(fwd_names, lambda nm: classes[nm] != "mixing")
+    bwd_mixing = {nm for nm in bwd_names
+                  if fit_law(lens, [tr.flops.get(nm, 0) for tr in traces]).degree >= 2}
+    bwd_mix = per_trace(bwd_names, lambda nm: nm in bwd_mixing)
+    bwd_tok = per_trace(bwd_names, lambda nm: nm not in bwd_mixing)
+
+    def split(tok: list[int], mix: list[int]) -> FlopSplit:
+        return FlopSplit(token_wise=tok[-1], mixing=mix[-1], token_wise_law=fit_law(lens, tok),
+                         mixing_law=fit_law(lens, mix))
+
+    return split(fwd_tok, fwd_mix), split(bwd_tok, bwd_mix)
+
+
+def _layer_times(cfg: ProfileConfig, trace: LayerTrace, flops_fwd: int, flops_bwd: int,
+                 flops_per_s: float) -> tuple[float, float, str]:
+    """Forward/backward seconds: CUDA events on a GPU, else FLOPs over the preset's rate."""
+    if cfg.device != "cuda":
+        return flops_fwd / flops_per_s, flops_bwd / flops_per_s, "estimated"
+    gm = trace.gm
+    n_fwd = len(trace.forward_nodes)
+    start, mid, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+    for _ in range(2):  # warm-up, then timed; the joint graph is run as one piece
+        torch.cuda.synchronize()
+        start.record()
+        with torch.no_grad():
+            gm(*trace.flat_inputs)
+        end.record()
+        torch.cuda.synchronize()
+    total = start.elapsed_time(end) / 1e3
+    share = flops_fwd / max(1, flops_fwd + flops_bwd)
+    del mid, n_fwd
+    return total * share, total * (1 - share), "measured"
