@@ -74,6 +74,49 @@ def profile(
         console.print(f"wrote [bold]{output}[/]")
 
 
+@app.command()
+def solve(
+    profile_file: Annotated[Path, typer.Argument(help="profile.json written by 'memoplan profile'.")],
+    seq: Annotated[str, typer.Option(help="Sequence length: 131072, 128K or 1M.")] = "128K",
+    gpus: Annotated[int, typer.Option(help="GPUs in all.")] = 1,
+    gpus_per_node: Annotated[int, typer.Option(help="GPUs sharing a node's host memory and PCIe.")] = 8,
+    tp: Annotated[Optional[int], typer.Option(help="Tensor(+sequence)-parallel degree (default: all GPUs / cp).")] = None,
+    cp: Annotated[int, typer.Option(help="Context-parallel degree.")] = 1,
+    hw: Annotated[str, typer.Option(help="Hardware preset: h200, h100, a800, a100.")] = "h200",
+    pcie_gbps: Annotated[Optional[float], typer.Option(help="Pinned D2H GB/s of one GPU.")] = None,
+    host_mem_gb: Annotated[Optional[float], typer.Option(help="Host memory per node (GiB) for activations.")] = None,
+    gpu_mem_gb: Annotated[Optional[float], typer.Option(help="GPU memory (GiB).")] = None,
+    peak_tflops: Annotated[Optional[float], typer.Option(help="Dense bf16 TFLOP/s of one GPU.")] = None,
+    time_limit: Annotated[float, typer.Option(help="Seconds for each of the three MIPs.")] = 20.0,
+    alpha: Annotated[Optional[float], typer.Option(help="Force this swap fraction on every offloaded layer.")] = None,
+    keep_last: Annotated[int, typer.Option(help="Last layers kept on the GPU (not offloaded).")] = 1,
+    state_bytes_per_param: Annotated[float, typer.Option(help="Bytes of weights+grads+optimizer per parameter.")] = 16.0,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the plan JSON.")] = Path("plan.json"),
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
+) -> None:
+    """Choose swap fractions and solve the address plan for PROFILE_FILE at --seq on --gpus."""
+    from memoplan.hardware import get_hardware
+    from memoplan.ir import PROFILE_SCHEMA, Profile
+    from memoplan.jsonio import read_json, write_json_atomic
+    from memoplan.report import plan_summary
+    from memoplan.solve import SolveConfig, solve_plan
+    from memoplan.units import parse_seq
+
+    with _user_errors():
+        prof = Profile.from_json(read_json(profile_file, schema_prefix=PROFILE_SCHEMA, what="profile"))
+        hardware = get_hardware(hw, pcie_gbps=pcie_gbps, host_mem_gb=host_mem_gb,
+                                gpu_mem_gb=gpu_mem_gb, peak_tflops=peak_tflops)
+        cfg = SolveConfig(seq=parse_seq(seq), gpus=gpus, gpus_per_node=gpus_per_node, tp=tp, cp=cp,
+                          hardware=hardware, time_limit=time_limit, alpha=alpha,
+                          keep_last=keep_last, state_bytes_per_param=state_bytes_per_param)
+        with _progress(quiet) as progress:
+            plan = solve_plan(prof, cfg, progress=progress)
+        write_json_atomic(output, plan.to_json())
+    if not quiet:
+        console.print(plan_summary(plan))
+        console.print(f"wrote [bold]{output}[/]")
+
+
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="memoplan")

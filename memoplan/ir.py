@@ -81,6 +81,7 @@ class SavedTensor:
     bytes_per_token: float
     law: SizeLaw
     segment: int | None = None
+    autograd_saved: bool = True   # False for a layer input kept only to recompute from
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -137,6 +138,7 @@ class ModelInfo:
     param_bytes_total: int
     dtype: str
     hidden_size: int | None = None
+    head_bytes_per_token: float = 0.0   # estimate: logits, their fp32 loss copy and their grad
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -273,3 +275,125 @@ def _profile_from_json(d: dict) -> Profile:
         device=d["device"],
         notes=tuple(d.get("notes", ())),
     )
+
+
+# ---- the plan (written by ``memoplan solve``; docs/plan-schema.md) ---------------------------
+
+PLAN_SCHEMA = "memoplan.plan/1"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerDecision:
+    """What happens to one layer's saved tensors (bytes per GPU).
+
+    ``mode``: ``offload`` (always-part plus alpha of the token-wise part copied to host, the rest
+    recomputed), ``keep`` (everything stays on the GPU: the last layers), ``recompute``
+    (checkpointed: only the input stays, the whole layer is recomputed; a host-memory fallback).
+    """
+
+    index: int
+    mode: Literal["offload", "keep", "recompute"]
+    alpha: float
+    swapped_bytes: int
+    recomputed_bytes: int
+    host_bytes: int
+    gpu_kept_bytes: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class Prediction:
+    """Cost-model figures; ``iteration_s``/``mfu``/``gpu_bytes`` keyed by plan, keep_all,
+    full_recompute."""
+
+    forward_s: float              # one layer on one GPU
+    backward_s: float
+    token_wise_forward_s: float   # the token-wise share of forward_s (what recompute re-runs)
+    pcie_bytes_per_s: float       # one GPU's share of its node's host link
+    copy_s: float
+    stall_s: float
+    recompute_s: float
+    iteration_s: dict[str, float]
+    mfu: dict[str, float]
+    gpu_bytes: dict[str, int]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LevelPlan:
+    """One solved DSA level: offsets by request/block id, with how good they are."""
+
+    offsets: dict[str, int]
+    sizes: dict[str, int]
+    lifetimes: dict[str, tuple[int, int]]   # [start, end) in request steps (level 2: phase steps)
+    kinds: dict[str, str]                   # what each tensor/block is, for pictures
+    peak: int
+    lower_bound: int
+    greedy_peak: int
+    caching_reserved_peak: int
+    caching_allocated_peak: int
+    status: str
+    gap: float
+    seconds: float
+
+    @property
+    def ratio(self) -> float:
+        """Planned peak over the lower bound (1.0 = no fragmentation at all)."""
+        return self.peak / self.lower_bound if self.lower_bound else 1.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    profile_hash: str
+    layer_class: str
+    config: dict
+    layers: tuple[LayerDecision, ...]
+    arena_bytes: int
+    lower_bound_bytes: int
+    state_bytes: int
+    levels: dict[str, LevelPlan]
+    predicted: Prediction
+    solver: dict
+    notes: tuple[str, ...] = ()
+    schema: str = PLAN_SCHEMA
+
+    def to_json(self) -> dict:
+        def level(lp: LevelPlan) -> dict:
+            d = asdict(lp)
+            d["lifetimes"] = {k: list(v) for k, v in lp.lifetimes.items()}
+            d["ratio"] = lp.ratio
+            return d
+
+        return {
+            "schema": self.schema,
+            "profile_hash": self.profile_hash,
+            "layer_class": self.layer_class,
+            "config": self.config,
+            "layers": [asdict(l) for l in self.layers],
+            "arena_bytes": self.arena_bytes,
+            "lower_bound_bytes": self.lower_bound_bytes,
+            "state_bytes": self.state_bytes,
+            "levels": {k: level(v) for k, v in self.levels.items()},
+            "predicted": asdict(self.predicted),
+            "solver": self.solver,
+            "notes": list(self.notes),
+        }
+
+    @classmethod
+    def from_json(cls, d: dict) -> Plan:
+        try:
+            levels = {}
+            for k, v in d["levels"].items():
+                v = {kk: vv for kk, vv in v.items() if kk != "ratio"}
+                v["lifetimes"] = {kk: tuple(vv) for kk, vv in v["lifetimes"].items()}
+                levels[k] = LevelPlan(**v)
+            return cls(schema=d["schema"], profile_hash=d["profile_hash"],
+                       layer_class=d["layer_class"], config=d["config"],
+                       layers=tuple(LayerDecision(**l) for l in d["layers"]),
+                       arena_bytes=int(d["arena_bytes"]), lower_bound_bytes=int(d["lower_bound_bytes"]),
+                       state_bytes=int(d["state_bytes"]), levels=levels,
+                       predicted=Prediction(**d["predicted"]), solver=d["solver"],
+                       notes=tuple(d.get("notes", ())))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise MemoplanError(
+                f"The plan file is incomplete or malformed ({type(e).__name__}: {e}). "
+                f"Run 'memoplan solve' again to write a fresh one."
+            ) from e

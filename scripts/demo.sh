@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The main job on the bundled example, on a CPU: profile the tiny Llama, then the later stages.
-# Results land in out/ (profile.json, ...).
+# The main job on the bundled example, on a CPU: profile the tiny Llama, solve its plan for a
+# 128K-token sequence on one H200, and write the results to out/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 mkdir -p out
 memoplan profile examples/llama/model.py -o out/profile.json
+memoplan solve out/profile.json --seq 128K --gpus 1 --hw h200 -o out/plan.json

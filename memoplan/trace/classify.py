@@ -22,7 +22,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from memoplan.errors import MemoplanError
-from memoplan.trace.graph import LayerTrace
+from memoplan.trace.graph import LayerTrace, upcast
 
 NodeClass = Literal["token", "mixing", "free"]
 
@@ -118,14 +118,14 @@ def _perturb(x: torch.Tensor, axis: int, t: int) -> torch.Tensor:
 
 
 def _probe_token_wise(n: fx.Node, trace: LayerTrace, axes: dict[str, list[tuple[int, ...]]]) -> bool:
-    env = trace.values
+    env = trace.real
     base_out = tensors_of(env[n.name])
     out_axes = axes[n.name]
     seq = next(t.shape[a[0]] for t, a in zip(base_out, out_axes) if t is not None and len(a) == 1)
     for t in sorted({0, seq // 2, seq - 1}):
         def load(a: Any) -> Any:
             if not isinstance(a, fx.Node):
-                return a
+                return upcast(a)
             v = env[a.name]
             ax = _axes_of_arg(a, axes)
             if isinstance(v, torch.Tensor) and ax is not None and len(ax) == 1:
@@ -200,10 +200,17 @@ class SavedStorage:
     kind: str
     token_wise: bool
     nbytes: int
+    autograd_saved: bool = True         # False: kept only as the source of recomputation
 
 
 def saved_storages(trace: LayerTrace, classes: dict[str, NodeClass]) -> list[SavedStorage]:
-    """Storages of forward values that backward nodes read (parameters and buffers excluded)."""
+    """Storages of forward values that backward nodes read (parameters and buffers excluded).
+
+    The layer input is always included (kind ``input``): it is the source every token-wise
+    recomputation starts from, so it is kept even where autograd itself does not save it (a
+    bf16 layer whose norm saves an fp32 copy of its input instead); ``autograd_saved`` says
+    which it was.
+    """
     fwd_names = {n.name for n in trace.forward_nodes}
     placeholders = [n for n in trace.gm.graph.nodes if n.op == "placeholder"]
     state_ptrs = {trace.storage(p.name)[0] for p in placeholders
@@ -232,7 +239,12 @@ def saved_storages(trace: LayerTrace, classes: dict[str, NodeClass]) -> list[Sav
                                              else "other")
     kept = {creators[p].name for p, k in kinds.items() if k != "other"}
     mutated = _mutated_storages(trace)
+    primary = next(p for p in placeholders if trace.roles[p.name] == "primary")
+    primary_ptr = trace.storage(primary.name)[0]
     out = []
+    if primary_ptr not in read:
+        out.append(SavedStorage(creator=primary, nodes=(), kind="input", token_wise=False,
+                                nbytes=trace.storage(primary.name)[1], autograd_saved=False))
     for ptr in sorted(read, key=lambda p: order[creators[p].name]):
         c = creators[ptr]
         tw = (kinds[ptr] == "other" and ptr not in mutated

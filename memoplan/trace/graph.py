@@ -4,8 +4,13 @@ The layer is traced at the dispatch level with ``make_fx`` on a joint function (
 forward, then ``torch.autograd.grad`` of its outputs), so the graph holds exactly the aten ops
 that eager training runs, and every forward value that a backward node reads is a tensor that
 autograd saved. The forward/backward boundary is the graph's length when the forward returns.
-The graph is then run once by :class:`_RecordingInterpreter`, which keeps every value alive and
-records its storage and FLOPs: storages tell which values alias, FLOPs feed the cost model.
+
+Tracing and the recorded run use fake tensors (shapes, dtypes and storages without data), so a
+bf16 7B layer profiles in seconds on a CPU that has no fast bf16 kernels. The recorded run keeps
+every value alive and notes its storage and FLOPs: storages tell which values alias, FLOPs feed
+the cost model. Real values, needed only to probe which ops are token-wise, come from a
+*shadow* run of the forward graph in float32 (low-precision tensors and dtype arguments are
+upcast: whether an op mixes tokens does not depend on precision).
 """
 
 from __future__ import annotations
@@ -17,7 +22,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch.func import functional_call
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -35,25 +42,34 @@ class LayerTrace:
     forward_nodes: list[fx.Node]
     backward_nodes: list[fx.Node]
     roles: dict[str, Role]                 # placeholder name -> role
-    values: dict[str, Any]                 # node name -> value of the recorded run
+    values: dict[str, Any]                 # node name -> fake value of the recorded run
     flops: dict[str, int]                  # node name -> FLOPs
     num_outputs: int                       # the graph returns num_outputs outputs, then grads
     flat_inputs: list[Any] = field(repr=False)
 
+    _real: dict[str, Any] | None = field(default=None, repr=False)
+
     def storage(self, name: str) -> tuple[int, int] | None:
-        """(storage address, storage bytes) of a node's tensor value, or None."""
+        """(storage identity, storage bytes) of a node's tensor value, or None."""
         v = self.values.get(name)
         if not isinstance(v, torch.Tensor) or v.layout != torch.strided:
             return None
         s = v.untyped_storage()
-        return (s.data_ptr(), s.nbytes()) if s.nbytes() > 0 else None
+        return (StorageWeakRef(s).cdata, s.nbytes()) if s.nbytes() > 0 else None
+
+    @property
+    def real(self) -> dict[str, Any]:
+        """Real float32 values of the placeholders and forward nodes (the shadow run)."""
+        if self._real is None:
+            self._real = _shadow_run(self.gm, self.forward_nodes, self.flat_inputs)
+        return self._real
 
 
 def _tensor_leaves(tree: Any) -> list[torch.Tensor]:
     return [x for x in pytree.tree_leaves(tree) if isinstance(x, torch.Tensor)]
 
 
-def _pick_primary(leaves: list[Any]) -> int:
+def pick_primary(leaves: list[Any]) -> int:
     """Index of the hidden-state input: the first floating tensor that needs grad (else the first
     floating tensor with two or more dims)."""
     floats = [i for i, x in enumerate(leaves)
@@ -71,7 +87,7 @@ def trace_layer(layer: torch.nn.Module, args: tuple, kwargs: dict, *, seq_len: i
                 layer_name: str) -> LayerTrace:
     """Trace ``layer(*args, **kwargs)`` forward and backward; run the graph once."""
     leaves, spec = pytree.tree_flatten((args, kwargs))
-    primary = _pick_primary(leaves)
+    primary = pick_primary(leaves)
     tensor_pos = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
     params = dict(layer.named_parameters())
     buffers = dict(layer.named_buffers())
@@ -117,7 +133,7 @@ def trace_layer(layer: torch.nn.Module, args: tuple, kwargs: dict, *, seq_len: i
 
     try:
         with torch.enable_grad():
-            gm = make_fx(joint, tracing_mode="real")(pvals, bvals, inputs, grad_outs)
+            gm = make_fx(joint, tracing_mode="fake")(pvals, bvals, inputs, grad_outs)
     except Exception as e:
         raise MemoplanError(_trace_failure(layer_name, e)) from e
     if not boundary or boundary[0] < 0:
@@ -133,8 +149,8 @@ def trace_layer(layer: torch.nn.Module, args: tuple, kwargs: dict, *, seq_len: i
                    grad_outs]
     interp = _RecordingInterpreter(gm)
     try:
-        with torch.no_grad():
-            interp.run(*flat_inputs)
+        with FakeTensorMode(allow_non_fake_inputs=True) as fake, torch.no_grad():
+            interp.run(*pytree.tree_map_only(torch.Tensor, fake.from_tensor, flat_inputs))
     except Exception as e:
         raise MemoplanError(_trace_failure(layer_name, e)) from e
     return LayerTrace(gm=gm, seq_len=seq_len, forward_nodes=calls_fwd, backward_nodes=calls_bwd,
@@ -161,6 +177,33 @@ def _trace_failure(layer_name: str, e: Exception) -> str:
             f"on tensor values, .item() calls and custom autograd functions without aten "
             f"equivalents are the usual causes. Pass another class with --layer if this is not "
             f"the transformer layer.")
+
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def upcast(x: Any) -> Any:
+    """float32 for low-precision tensors and dtypes (the shadow run's precision)."""
+    if isinstance(x, torch.Tensor) and x.dtype in _LOW_PRECISION:
+        return x.float()
+    if isinstance(x, torch.dtype) and x in _LOW_PRECISION:
+        return torch.float32
+    return x
+
+
+def _shadow_run(gm: fx.GraphModule, forward_nodes: list[fx.Node], flat_inputs: list) -> dict[str, Any]:
+    """Run the forward part of ``gm`` on real inputs in float32; node name -> value."""
+    env: dict[str, Any] = {}
+    flat = pytree.tree_leaves(flat_inputs)
+    for n, x in zip((n for n in gm.graph.nodes if n.op == "placeholder"), flat):
+        env[n.name] = upcast(x.detach())
+    load = lambda a: env[a.name] if isinstance(a, fx.Node) else upcast(a)  # noqa: E731
+    with torch.no_grad():
+        for n in forward_nodes:
+            args, kwargs = pytree.tree_map(load, (n.args, n.kwargs),
+                                           is_leaf=lambda a: isinstance(a, fx.Node))
+            env[n.name] = n.target(*args, **kwargs)
+    return env
 
 
 class _RecordingInterpreter(fx.Interpreter):

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils import _pytree as pytree
 
 from memoplan.errors import MemoplanError
 from memoplan.hardware import get_hardware
@@ -22,7 +23,7 @@ from memoplan.ir import (FlopSplit, LayerProfile, ModelInfo, Profile, SavedTenso
 from memoplan.signature import layer_signature
 from memoplan.trace.classify import (check_aligned, classify_forward, saved_storages, seq_axes,
                                      token_segments, tensors_of)
-from memoplan.trace.graph import LayerTrace, trace_layer
+from memoplan.trace.graph import LayerTrace, pick_primary, trace_layer
 from memoplan.trace.laws import fit_law
 from memoplan.trace.layers import capture_layer_call, find_repeated_layer
 from memoplan.trace.loader import build, load_model_file
@@ -75,8 +76,8 @@ def profile_model(cfg: ProfileConfig, *, progress: Callable[[str], None] = lambd
     traces: list[LayerTrace] = []
     for seq_len in cfg.seq_lens:
         progress(f"tracing {found.class_name} at {seq_len} tokens")
-        args, kwargs = capture_layer_call(mf, model, layer, seq_len)
-        traces.append(trace_layer(layer, args, kwargs, seq_len=seq_len, layer_name=found.class_name))
+        call = capture_layer_call(mf, model, layer, seq_len)
+        traces.append(trace_layer(layer, *call, seq_len=seq_len, layer_name=found.class_name))
     check_aligned(traces)
     progress("classifying tensors")
     axes = seq_axes(traces)
@@ -103,7 +104,8 @@ def profile_model(cfg: ProfileConfig, *, progress: Callable[[str], None] = lambd
             shape=tuple(value.shape) if value is not None else (),
             dtype=str(value.dtype).removeprefix("torch.") if value is not None else "",
             seq_axis=ax[0] if len(ax) == 1 else None, bytes=s.nbytes,
-            bytes_per_token=law.per_token, law=law, segment=member.get(name)))
+            bytes_per_token=law.per_token, law=law, segment=member.get(name),
+            autograd_saved=s.autograd_saved))
     tensors = []
     for s in storages:
         sizes = [next((x.nbytes for x in sa if x.id == s.id and x.name == s.name), 0)
@@ -114,7 +116,7 @@ def profile_model(cfg: ProfileConfig, *, progress: Callable[[str], None] = lambd
 
     progress("counting FLOPs")
     flops_fwd, flops_bwd = _flop_splits(traces, classes)
-    time_fwd, time_bwd, source = _layer_times(cfg, main, flops_fwd.total, flops_bwd.total,
+    time_fwd, time_bwd, source = _layer_times(cfg, layer, call, flops_fwd.total, flops_bwd.total,
                                               hw.flops_per_s)
     notes = [f"size law of '{t.name}' is not an exact polynomial (max rel. error "
              f"{t.law.max_rel_error:.2e})" for t in saved if not t.law.exact]
@@ -128,7 +130,8 @@ def profile_model(cfg: ProfileConfig, *, progress: Callable[[str], None] = lambd
         param_bytes_per_layer=_state_bytes(layer),
         param_bytes_total=_state_bytes(model),
         dtype=str(next(layer.parameters()).dtype).removeprefix("torch."),
-        hidden_size=int(main.values[primary].shape[-1]))
+        hidden_size=int(main.values[primary].shape[-1]),
+        head_bytes_per_token=_head_bytes_per_token(model, found.instances))
     layer_profile = LayerProfile(
         saved=tuple(saved), tensors=tuple(tensors),
         requests_forward=tuple(req_fwd), requests_backward=tuple(req_bwd),
@@ -142,6 +145,18 @@ def profile_model(cfg: ProfileConfig, *, progress: Callable[[str], None] = lambd
     return Profile(model=model_info, layer=layer_profile, seq_len=cfg.seq, seq_lens=lens,
                    time_source=source, hardware=hw.name, device=cfg.device, notes=tuple(notes),
                    hash=layer_signature(layer))
+
+
+def _head_bytes_per_token(model: torch.nn.Module, layers: tuple[torch.nn.Module, ...]) -> float:
+    """Estimate of the head's activation bytes per token: the widest Linear outside the layers is
+    taken as the LM head; its logits, their fp32 copy for the loss and their gradient."""
+    inside = {id(m) for layer in layers for m in layer.modules()}
+    heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and id(m) not in inside]
+    if not heads:
+        return 0.0
+    head = max(heads, key=lambda m: m.out_features)
+    elem = head.weight.element_size()
+    return float(head.out_features * (2 * elem + 4))
 
 
 def _producer(node: torch.fx.Node) -> str:
@@ -187,22 +202,23 @@ def _flop_splits(traces: list[LayerTrace], classes: dict[str, str]) -> tuple[Flo
     return split(fwd_tok, fwd_mix), split(bwd_tok, bwd_mix)
 
 
-def _layer_times(cfg: ProfileConfig, trace: LayerTrace, flops_fwd: int, flops_bwd: int,
-                 flops_per_s: float) -> tuple[float, float, str]:
+def _layer_times(cfg: ProfileConfig, layer: torch.nn.Module, call: tuple[tuple, dict],
+                 flops_fwd: int, flops_bwd: int, flops_per_s: float) -> tuple[float, float, str]:
     """Forward/backward seconds: CUDA events on a GPU, else FLOPs over the preset's rate."""
     if cfg.device != "cuda":
         return flops_fwd / flops_per_s, flops_bwd / flops_per_s, "estimated"
-    gm = trace.gm
-    n_fwd = len(trace.forward_nodes)
+    leaves, spec = pytree.tree_flatten(call)
+    hidden = pick_primary(leaves)
+    leaves[hidden] = leaves[hidden].detach().clone().requires_grad_()
+    args, kwargs = pytree.tree_unflatten(leaves, spec)
     start, mid, end = (torch.cuda.Event(enable_timing=True) for _ in range(3))
-    for _ in range(2):  # warm-up, then timed; the joint graph is run as one piece
+    for _ in range(3):  # two warm-ups, then the timed run
         torch.cuda.synchronize()
         start.record()
-        with torch.no_grad():
-            gm(*trace.flat_inputs)
+        outs = [t for t in pytree.tree_leaves(layer(*args, **kwargs))
+                if isinstance(t, torch.Tensor) and t.requires_grad]
+        mid.record()
+        torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
         end.record()
         torch.cuda.synchronize()
-    total = start.elapsed_time(end) / 1e3
-    share = flops_fwd / max(1, flops_fwd + flops_bwd)
-    del mid, n_fwd
-    return total * share, total * (1 - share), "measured"
+    return start.elapsed_time(mid) / 1e3, mid.elapsed_time(end) / 1e3, "measured"

@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from memoplan.trace.graph import LayerTrace
+from memoplan.trace.graph import LayerTrace, upcast
 
 
 def select_tokens(v: torch.Tensor, axis: int, tokens: torch.Tensor) -> torch.Tensor:
@@ -30,7 +30,7 @@ def recompute_segment(trace: LayerTrace, nodes: list[str], axes: dict[str, list[
                       tokens: torch.Tensor) -> dict[str, Any]:
     """Values of ``nodes`` (a token-wise segment, in graph order) for ``tokens`` only.
 
-    Values from outside the segment come from the trace's recorded run.
+    Values from outside the segment come from the trace's real (shadow) run.
     """
     by_name = {n.name: n for n in trace.gm.graph.nodes}
     seq = trace.seq_len
@@ -41,14 +41,14 @@ def recompute_segment(trace: LayerTrace, nodes: list[str], axes: dict[str, list[
         if isinstance(a, fx.Node):
             if a.name in local:
                 return local[a.name]
-            v = trace.values[a.name]
+            v = trace.real[a.name]
             ax = axes.get(a.name, [])
             if isinstance(v, torch.Tensor) and len(ax) == 1 and len(ax[0]) == 1:
                 return select_tokens(v, ax[0][0], tokens)
             return v
         if isinstance(a, int) and not isinstance(a, bool) and a == seq:
             return k
-        return a
+        return upcast(a)
 
     with torch.no_grad():
         for name in nodes:

@@ -1,0 +1,284 @@
+"""Dynamic storage allocation (DSA): the data types and the algorithms that need no MIP solver.
+
+A profiled request trace (``[op, id, bytes]`` with op ``"malloc"`` or ``"free"``) becomes a list
+of `Block`s: each tensor is ``size`` bytes live over request steps ``[start, end)``. A
+`Placement` gives every block a byte offset inside one arena; two blocks whose lifetimes
+overlap must not overlap in address. Here:
+
+- `blocks_from_requests`: trace -> blocks, with clear errors for malformed traces;
+- `lower_bound`: the largest total of simultaneously live bytes (no plan can do better);
+- `solve_greedy`: greedy-by-size (TFLite's arena planner, OLLA's baseline), the fallback and
+  the warm start of the MIP in `mip_dsa`; `greedy_offsets`, `lowest_fit` and `peak_of` are its
+  parts, shared with the MIP.
+
+Lifetimes are half-open: a block freed at step ``j`` and one malloc'ed at step ``j`` may share
+bytes. Blocks of size 0 or with an empty lifetime (``start == end``) conflict with nothing and
+go to offset 0, but like every block they must end at or below the peak.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from memoplan.errors import MemoplanError
+
+BlockId = int | str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Block:
+    """A tensor to place: `size` bytes live over request steps [start, end)."""
+
+    id: BlockId
+    size: int  # bytes
+    start: int  # first request step at which the block is live
+    end: int  # first request step at which it is dead again (exclusive)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.id, int | str) or isinstance(self.id, bool):
+            raise MemoplanError(f"Block id must be an int or a str, got {self.id!r}.")
+        for name in ("size", "start", "end"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise MemoplanError(f"Block {self.id!r}: {name} must be an int, got {value!r}.")
+        if self.size < 0:
+            raise MemoplanError(f"Block {self.id!r}: size must be >= 0 bytes, got {self.size}.")
+        if not 0 <= self.start <= self.end:
+            raise MemoplanError(
+                f"Block {self.id!r}: need 0 <= start <= end, "
+                f"got start={self.start}, end={self.end}."
+            )
+
+    @property
+    def is_trivial(self) -> bool:
+        """True when the block needs no memory at any time (size 0 or empty lifetime)."""
+        return self.size == 0 or self.start == self.end
+
+
+@dataclass(frozen=True, kw_only=True)
+class Placement:
+    """Offsets (bytes) for every block, the arena size they need, and how they were found."""
+
+    offsets: dict[BlockId, int]
+    peak: int  # bytes: max over blocks of offset+size (0 for no blocks)
+    lower_bound: int  # bytes: largest total of simultaneously live bytes
+    method: str  # "mip", "greedy", ...
+    status: str  # "optimal", "feasible" (time limit hit, best found), "greedy-fallback"
+    gap: float  # (peak - best_bound)/peak as reported by the solver; 0.0 if optimal
+    seconds: float  # wall time the solver spent
+
+
+def lifetimes_overlap(a: Block, b: Block) -> bool:
+    """True when both blocks are live at some common step (half-open intervals)."""
+    return max(a.start, b.start) < min(a.end, b.end)
+
+
+def _parse_request(index: int, entry: object) -> tuple[str, BlockId, int]:
+    """Validate one ``[op, id, bytes]`` entry and return it as a tuple."""
+    if isinstance(entry, str | bytes) or not isinstance(entry, Sequence) or len(entry) != 3:
+        raise MemoplanError(
+            f"Request {index}: expected [op, id, bytes], got {entry!r}. "
+            "Each request must be a list of three items, e.g. [\"malloc\", 7, 4096]."
+        )
+    op, tensor_id, nbytes = entry
+    if op not in ("malloc", "free"):
+        raise MemoplanError(f"Request {index}: op must be \"malloc\" or \"free\", got {op!r}.")
+    if isinstance(tensor_id, bool) or not isinstance(tensor_id, int | str):
+        raise MemoplanError(f"Request {index}: id must be an int or a str, got {tensor_id!r}.")
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int):
+        raise MemoplanError(f"Request {index}: bytes must be an int, got {nbytes!r}.")
+    if nbytes < 0:
+        raise MemoplanError(
+            f"Request {index}: {op} of id {tensor_id!r} has negative bytes ({nbytes}); "
+            "sizes must be >= 0."
+        )
+    return op, tensor_id, nbytes
+
+
+def _live_at_start(live_at_start: dict | None) -> dict[BlockId, int]:
+    """Validate the tensors alive before the first request: ``{id: bytes}``."""
+    live: dict[BlockId, int] = {}
+    for tensor_id, nbytes in (live_at_start or {}).items():
+        if isinstance(tensor_id, bool) or not isinstance(tensor_id, int | str):
+            raise MemoplanError(f"live_at_start: id must be an int or a str, got {tensor_id!r}.")
+        if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+            raise MemoplanError(
+                f"live_at_start: id {tensor_id!r} has bytes {nbytes!r}; need an int >= 0."
+            )
+        live[tensor_id] = nbytes
+    return live
+
+
+def blocks_from_requests(
+    requests: Iterable[Sequence], *, live_at_start: dict | None = None
+) -> list[Block]:
+    """Turn a request trace into blocks, one per malloc (and per tensor live at the start).
+
+    Request ``i`` is step ``i``: a malloc at ``i`` starts a block at ``i``; a free at ``j`` ends
+    it at ``j`` (exclusive); a block never freed lives to ``len(requests)``. ``live_at_start``
+    maps ids of tensors alive before the first request to their bytes (start 0). Blocks come
+    back in malloc order, tensors live at the start first. An id may be reused after its free;
+    the later block then gets the id ``f"{id}#{n}"`` (n = 1, 2, ...).
+
+    Raises MemoplanError for a free of an unknown id, a malloc of an id that is still live,
+    negative bytes, a free whose bytes differ from its malloc's, or a malformed entry.
+
+    >>> [b.end for b in blocks_from_requests([["malloc", 1, 8], ["malloc", 2, 8], ["free", 1, 8]])]
+    [2, 3]
+    """
+    entries = [_parse_request(i, entry) for i, entry in enumerate(requests)]
+    reader = _TraceReader(_live_at_start(live_at_start))
+    for step, (op, tensor_id, nbytes) in enumerate(entries):
+        if op == "malloc":
+            reader.malloc(step, tensor_id, nbytes)
+        else:
+            reader.free(step, tensor_id, nbytes)
+    blocks = reader.finish(len(entries))
+    check_unique_ids(blocks)
+    return blocks
+
+
+class _TraceReader:
+    """Open lifetimes while a trace is read; closed ones become blocks."""
+
+    def __init__(self, live: dict[BlockId, int]) -> None:
+        self.open: dict[BlockId, tuple[BlockId, int, int]] = {  # id -> (block id, bytes, start)
+            tensor_id: (tensor_id, nbytes, 0) for tensor_id, nbytes in live.items()
+        }
+        self.order = list(self.open)  # block ids in malloc order
+        self.mallocs = {tensor_id: 1 for tensor_id in self.open}  # id -> mallocs so far
+        self.done: dict[BlockId, Block] = {}
+
+    def malloc(self, step: int, tensor_id: BlockId, nbytes: int) -> None:
+        if tensor_id in self.open:
+            raise MemoplanError(
+                f"Request {step}: malloc of id {tensor_id!r}, which is still live "
+                f"(allocated at step {self.open[tensor_id][2]}); free it first or use a new id."
+            )
+        count = self.mallocs.get(tensor_id, 0)
+        self.mallocs[tensor_id] = count + 1
+        block_id = tensor_id if count == 0 else f"{tensor_id}#{count}"
+        self.open[tensor_id] = (block_id, nbytes, step)
+        self.order.append(block_id)
+
+    def free(self, step: int, tensor_id: BlockId, nbytes: int) -> None:
+        if tensor_id not in self.open:
+            raise MemoplanError(
+                f"Request {step}: free of unknown id {tensor_id!r}: it was never malloc'ed, "
+                "is already freed, or is missing from live_at_start."
+            )
+        block_id, size, start = self.open.pop(tensor_id)
+        if nbytes != size:
+            raise MemoplanError(
+                f"Request {step}: free of id {tensor_id!r} says {nbytes} bytes but its malloc "
+                f"said {size}; a free must repeat the malloc's bytes."
+            )
+        self.done[block_id] = Block(id=block_id, size=size, start=start, end=step)
+
+    def finish(self, steps: int) -> list[Block]:
+        """All blocks in malloc order; those still open live to the end of the trace."""
+        for block_id, size, start in self.open.values():
+            self.done[block_id] = Block(id=block_id, size=size, start=start, end=steps)
+        return [self.done[block_id] for block_id in self.order]
+
+
+def check_unique_ids(blocks: Sequence[Block]) -> None:
+    """Raise MemoplanError when two blocks share an id (offsets are keyed by id)."""
+    seen: set[BlockId] = set()
+    for block in blocks:
+        if block.id in seen:
+            raise MemoplanError(f"Two blocks have the id {block.id!r}; block ids must be unique.")
+        seen.add(block.id)
+
+
+def lower_bound(blocks: Iterable[Block]) -> int:
+    """Largest total of simultaneously live bytes (sweep line over starts and ends).
+
+    >>> lower_bound([Block(id=1, size=4, start=0, end=2), Block(id=2, size=3, start=1, end=3)])
+    7
+    """
+    events: list[tuple[int, int]] = []  # (step, +size at start / -size at end)
+    for block in blocks:
+        if not block.is_trivial:
+            events.append((block.start, block.size))
+            events.append((block.end, -block.size))
+    events.sort()  # at equal steps the ends (negative) come first: lifetimes are half-open
+    live = best = 0
+    for _, delta in events:
+        live += delta
+        best = max(best, live)
+    return best
+
+
+def greedy_offsets(blocks: Sequence[Block]) -> dict[BlockId, int]:
+    """Greedy-by-size offsets: largest block first, each at the lowest offset that fits.
+
+    Ties go to the longer-lived block, then the earlier start, then input order. A block is
+    placed first-fit into the gaps between already-placed blocks that overlap it in time.
+    """
+    order = sorted(
+        range(len(blocks)),
+        key=lambda i: (-blocks[i].size, -(blocks[i].end - blocks[i].start), blocks[i].start, i),
+    )
+    offsets: dict[BlockId, int] = {}
+    placed: list[Block] = []
+    for i in order:
+        block = blocks[i]
+        if block.is_trivial:
+            offsets[block.id] = 0
+            continue
+        offsets[block.id] = lowest_fit(block, placed, offsets)
+        placed.append(block)
+    return offsets
+
+
+def lowest_fit(block: Block, placed: list[Block], offsets: dict[BlockId, int]) -> int:
+    """Lowest offset where `block` fits between the placed blocks live at the same time."""
+    busy = sorted(
+        (offsets[other.id], offsets[other.id] + other.size)
+        for other in placed
+        if lifetimes_overlap(block, other)
+    )
+    candidate = 0
+    for low, high in busy:
+        if low >= candidate + block.size:
+            break
+        candidate = max(candidate, high)
+    return candidate
+
+
+def peak_of(blocks: Iterable[Block], offsets: dict[BlockId, int]) -> int:
+    """Arena size the offsets need: max of offset + size (0 when there are no blocks)."""
+    return max((offsets[b.id] + b.size for b in blocks), default=0)
+
+
+def solve_greedy(blocks: Sequence[Block]) -> Placement:
+    """Place blocks greedy-by-size (TFLite arena planner / OLLA style); see `greedy_offsets`.
+
+    The status is "optimal" when the peak meets the lower bound (or the largest block), else
+    "feasible" with the gap to that bound.
+
+    >>> plan = solve_greedy([Block(id="a", size=4, start=0, end=2),
+    ...                      Block(id="b", size=3, start=1, end=3)])
+    >>> plan.offsets, plan.peak
+    ({'a': 0, 'b': 4}, 7)
+    """
+    began = time.perf_counter()
+    blocks = list(blocks)
+    check_unique_ids(blocks)
+    offsets = greedy_offsets(blocks)
+    peak = peak_of(blocks, offsets)
+    bound = lower_bound(blocks)
+    floor = max([bound] + [b.size for b in blocks])  # blocks never live still fit under the peak
+    gap = (peak - floor) / peak if peak else 0.0
+    return Placement(
+        offsets=offsets,
+        peak=peak,
+        lower_bound=bound,
+        method="greedy",
+        status="optimal" if gap == 0 else "feasible",
+        gap=gap,
+        seconds=time.perf_counter() - began,
+    )

@@ -1,0 +1,144 @@
+"""The bi-level address plan.
+
+Level 1 places one layer's forward requests and, separately, its backward requests (every
+identical layer reuses these offsets). Skeletal tensors are not in level 1: forward writes them
+into the layer's rounding buffer and backward reads them from its prefetch buffer, both level-2
+blocks. Level 2 places the whole iteration as blocks over phase steps
+
+    step 0: embedding | 1..L: forward of layer 0..L-1 | L+1: head and loss | L+2..2L+1: backward
+    of layer L-1..0
+
+with, per layer i: ``fwd[i]`` (level-1 forward peak, its forward step), ``hidden[i]`` (its input,
+from the step that makes it until its copy is done during forward i+1, or until backward i for
+layers kept or checkpointed), ``round[i]`` (its saved tensors other than the input, a rounding
+buffer: until its copy is done during forward i+1, or until backward i for kept layers),
+``prefetch[i]`` (its saved tensors brought back during backward i+1, until backward i ends),
+``recompute[i]`` (the workspace for recomputing its dropped tokens), ``bwd[i]`` (level-1
+backward peak) and ``grad[i]`` (the gradient of its input, until backward i-1 is done); plus
+``head``. Each level is solved by the MIP, checked by the independent checker, and compared
+with greedy-by-size and a simulation of PyTorch's caching allocator on the same blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+from memoplan.ir import LayerDecision, LevelPlan, Profile
+from memoplan.solve.caching_sim import simulate_caching_allocator
+from memoplan.solve.check import check_placement
+from memoplan.solve.config import SolveConfig
+from memoplan.solve.dsa import Block, blocks_from_requests, lower_bound, solve_greedy
+from memoplan.solve.mip_dsa import solve_mip
+from memoplan.solve.swap import LayerBytes, per_gpu_bytes
+
+Progress = Callable[[str], None]
+
+
+def level1_requests(profile: Profile, cfg: SolveConfig, phase: str) -> list[tuple[str, int, int]]:
+    """One phase's requests at the target length on one GPU, skeletal tensors left out."""
+    tensors = {t.id: t for t in profile.layer.tensors}
+    reqs = profile.layer.requests_forward if phase == "forward" else profile.layer.requests_backward
+    out = []
+    for op, tid, _ in reqs:
+        t = tensors[tid]
+        if t.role == "skeletal":
+            continue
+        out.append((op, tid, per_gpu_bytes(t.law.at(cfg.seq), cfg)))
+    return out
+
+
+def blocks_to_requests(blocks: Sequence[Block]) -> list[tuple[str, int | str, int]]:
+    """Blocks back to an ordered request trace (frees before mallocs at the same step)."""
+    events = []
+    for b in blocks:
+        if b.is_trivial:
+            continue
+        events.append((b.start, 1, "malloc", b.id, b.size))
+        events.append((b.end, 0, "free", b.id, b.size))
+    events.sort(key=lambda e: (e[0], e[1]))
+    return [(op, i, size) for _, _, op, i, size in events]
+
+
+def solve_level(blocks: list[Block], *, time_limit: float, unit: int, name: str,
+                kinds: dict[str, str], progress: Progress) -> LevelPlan:
+    """MIP placement of ``blocks`` with its checks and baselines."""
+    live = [b for b in blocks if not b.is_trivial]
+    progress(f"solving {name} ({len(live)} tensors)")
+    greedy = solve_greedy(live)
+    placement = solve_mip(live, time_limit=time_limit, warm_start=greedy, unit=unit,
+                          on_progress=lambda best, bound: progress(
+                              f"solving {name}: best {best / 2**20:.1f} MiB, bound "
+                              f"{bound / 2**20:.1f} MiB"))
+    check_placement(live, placement)
+    caching = simulate_caching_allocator(blocks_to_requests(live))
+    offsets = {str(b.id): placement.offsets[b.id] for b in live}
+    return LevelPlan(offsets=offsets, sizes={str(b.id): b.size for b in live},
+                     lifetimes={str(b.id): (b.start, b.end) for b in live},
+                     kinds={str(b.id): kinds.get(str(b.id), "transient") for b in live},
+                     peak=placement.peak,
+                     lower_bound=lower_bound(live), greedy_peak=greedy.peak,
+                     caching_reserved_peak=caching.reserved_peak,
+                     caching_allocated_peak=caching.allocated_peak, status=placement.status,
+                     gap=placement.gap, seconds=placement.seconds)
+
+
+def level1(profile: Profile, cfg: SolveConfig, phase: str, progress: Progress) -> LevelPlan:
+    blocks = blocks_from_requests(level1_requests(profile, cfg, phase))
+    kinds = {str(t.id): t.role for t in profile.layer.tensors}
+    return solve_level(blocks, time_limit=cfg.time_limit, unit=cfg.align, name=f"level 1 {phase}",
+                       kinds=kinds, progress=progress)
+
+
+def head_bytes(profile: Profile, cfg: SolveConfig) -> int:
+    return per_gpu_bytes(profile.model.head_bytes_per_token * cfg.seq, cfg)
+
+
+def level2_blocks(layers: Sequence[LayerDecision], lb: LayerBytes, fwd_peak: int, bwd_peak: int,
+                  head: int, align: int) -> list[Block]:
+    """The iteration's blocks (see the module docstring for the steps)."""
+    n = len(layers)
+    F = lambda i: 1 + i                  # noqa: E731  forward step of layer i
+    B = lambda i: n + 2 + (n - 1 - i)    # noqa: E731  backward step of layer i
+    H = n + 1
+    skeletal_rest = lb.total - lb.input
+    blocks = [Block(id="head", size=head, start=H, end=H + 1)]
+
+    def add(name: str, i: int, size: int, first: int, last: int) -> None:
+        blocks.append(Block(id=f"{name}[{i}]", size=int(math.ceil(size / align) * align),
+                            start=first, end=last + 1))
+
+    for d in layers:
+        i = d.index
+        made = F(i) - 1  # the step that produces layer i's input (embedding or forward i-1)
+        add("fwd", i, fwd_peak, F(i), F(i))
+        add("bwd", i, bwd_peak, B(i), B(i))
+        add("grad", i, lb.input, B(i), B(i - 1) if i > 0 else B(0))
+        if d.mode == "offload":
+            copied_by = F(i + 1) if i + 1 < n else H
+            add("hidden", i, lb.input, made, copied_by)
+            add("round", i, skeletal_rest, F(i), copied_by)
+            prefetch_from = B(i + 1) if i + 1 < n else H
+            add("prefetch", i, lb.total, prefetch_from, B(i))
+            add("recompute", i, int((1.0 - d.alpha) * fwd_peak), B(i), B(i))
+        elif d.mode == "keep":
+            add("hidden", i, lb.input, made, B(i))
+            add("round", i, skeletal_rest, F(i), B(i))
+        else:  # checkpointed: forward runs without keeping its saved tensors
+            add("hidden", i, lb.input, made, B(i))
+            add("round", i, skeletal_rest, F(i), F(i))
+            add("recompute", i, skeletal_rest + fwd_peak, B(i), B(i))
+    return blocks
+
+
+def level2(layers: Sequence[LayerDecision], lb: LayerBytes, fwd: LevelPlan, bwd: LevelPlan,
+           head: int, cfg: SolveConfig, progress: Progress) -> LevelPlan:
+    blocks = level2_blocks(layers, lb, fwd.peak, bwd.peak, head, cfg.align)
+    kinds = {str(b.id): LEVEL2_KINDS[str(b.id).split("[")[0]] for b in blocks}
+    return solve_level(blocks, time_limit=cfg.time_limit, unit=cfg.align, name="level 2 iteration",
+                       kinds=kinds, progress=progress)
+
+
+LEVEL2_KINDS = {"head": "head", "fwd": "transient", "bwd": "transient", "grad": "grad",
+                "hidden": "input", "round": "rounding", "prefetch": "prefetch",
+                "recompute": "recompute"}

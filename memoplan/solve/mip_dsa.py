@@ -1,0 +1,540 @@
+"""Dynamic storage allocation as a MIP, solved with python-mip's CBC.
+
+This is the only module in memoplan that imports `mip`. The model (notation of the design
+doc, sizes S_i and offsets A_i in units of ``unit`` bytes):
+
+    minimise M
+    peak[i]:        A_i + S_i <= M                              every block i
+    nooverlap[i,j]: A_i + S_i <= A_j + U * (1 - z_ij)           pairs live at a common step
+    nooverlap[j,i]: A_j + S_j <= A_i + U * z_ij                 (z_ij = 1: i lies below j)
+    sym[i,j]:       A_i + S_i <= A_j                            identical blocks, i before j
+    0 <= A_i <= U - S_i,  LB <= M <= U
+
+(Models with many pairs give "j below i" a binary of its own; see `_add_nooverlap`.)
+
+U is the peak of a known valid plan (greedy-by-size, or the caller's warm start if better),
+so big-M = U never cuts off an optimum, and LB is the largest total of simultaneously live
+units. Two reductions keep an optimum (proofs at `_canonical`): blocks that are live at a step
+shared with every other block ("universal") are pinned at the bottom of the arena, stacked in
+input order, and identical blocks (same size, start and end) are ordered by input order.
+
+Status of the result: "optimal" (proved, or the start plan met the lower bound), "feasible"
+(time limit hit; ``gap`` says how far the bound is), or "greedy-fallback" (CBC gave nothing
+usable, the start plan is returned). ``method`` is "mip" when the offsets come from CBC, else
+the start plan's method ("greedy" or the warm start's).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from bisect import bisect_right
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import reduce
+from itertools import accumulate
+
+import mip
+
+from memoplan.errors import MemoplanError
+from memoplan.solve.dsa import (
+    Block,
+    BlockId,
+    Placement,
+    check_unique_ids,
+    greedy_offsets,
+    lower_bound,
+    lowest_fit,
+    peak_of,
+)
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int], None]  # (best_peak_bytes, bound_bytes)
+
+SPLIT_BINARY_PAIRS = 8000  # more overlapping pairs than this: two binaries per pair
+# CBC checks its limit against CPU time and only after presolve and the warm start's
+# evaluation, which take seconds on models with 100k binaries: it gets this share of the
+# time left, the rest covers its overrun.
+CBC_SHARE = 0.8
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Problem:
+    """The instance in units, with the structure the reductions need."""
+
+    blocks: list[Block]  # sizes in units, input order, same ids as the caller's blocks
+    unit: int  # bytes per unit
+    bound: int  # units: lower bound on the peak (live units, and the largest block)
+    universal: list[int]  # indices of blocks live at a step shared with every other block
+    groups: list[list[int]]  # indices of identical non-universal blocks, 2 or more each
+    names: dict[BlockId, str]  # block id -> its unique name in the model
+
+    @property
+    def floor(self) -> int:
+        """Units taken by the pinned universal blocks at the bottom of the arena."""
+        return sum(self.blocks[i].size for i in self.universal)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Start:
+    """A valid plan in units that the MIP starts from and must beat."""
+
+    offsets: dict[BlockId, int]  # units
+    peak: int  # units
+    method: str
+
+
+def solve_mip(
+    blocks: Sequence[Block],
+    *,
+    time_limit: float = 30.0,
+    warm_start: Placement | None = None,
+    unit: int | None = None,
+    on_progress: ProgressFn | None = None,
+) -> Placement:
+    """Place blocks with the least peak the MIP finds within `time_limit` seconds.
+
+    `unit` (bytes) is the granularity of offsets: by default the gcd of the sizes; a larger
+    one (an alignment) rounds sizes up to whole units. `warm_start` is a valid plan for the
+    blocks (in bytes; realigned to the unit when it is off the grid); the better of it and
+    greedy-by-size starts the search.
+    `on_progress(best_peak_bytes, bound_bytes)` is called before and after the search, not
+    during it: CBC's own progress callback (python-mip's ``store_search_progress_log``) crashes
+    this CBC build with SIGSEGV. Never returns a plan worse than greedy-by-size on the same
+    units. Building the model counts against `time_limit` (a build that outlasts it falls back
+    to the start plan); CBC gets `CBC_SHARE` of what is left, as it overruns its limit.
+
+    >>> from memoplan.solve.dsa import Block
+    >>> plan = solve_mip([Block(id="a", size=512, start=0, end=2),
+    ...                   Block(id="b", size=1024, start=1, end=3)], time_limit=5)
+    >>> plan.peak, plan.status
+    (1536, 'optimal')
+    """
+    began = time.perf_counter()
+    blocks = list(blocks)
+    check_unique_ids(blocks)
+    _check_options(time_limit, unit)
+    problem = _problem(blocks, unit or _gcd_unit(blocks))
+    start = _start_plan(problem, blocks, warm_start)
+    if on_progress is not None:
+        on_progress(_peak_bytes(blocks, start.offsets, problem.unit), problem.bound * problem.unit)
+    if start.peak <= problem.bound:
+        return _placement(blocks, problem, start.offsets, start.method, "optimal", 0.0, began)
+    built = _build_model(problem, start, deadline=began + time_limit)
+    remaining = began + time_limit - time.perf_counter()
+    if built is None or remaining <= 0:
+        log.warning("solve_mip: building the model used the whole %.1f s limit", time_limit)
+        return _fallback(blocks, problem, start, began)
+    model, offsets = built
+    status = model.optimize(max_seconds=CBC_SHARE * remaining)
+    placement, bound = _read_result(blocks, problem, start, model, status, offsets, began)
+    if on_progress is not None:
+        on_progress(placement.peak, bound * problem.unit)
+    return placement
+
+
+def _check_options(time_limit: float, unit: int | None) -> None:
+    """Reject options the solver cannot use, naming the option."""
+    if not time_limit > 0:
+        raise MemoplanError(f"solve_mip: time_limit must be > 0 seconds, got {time_limit!r}.")
+    if unit is not None and (isinstance(unit, bool) or not isinstance(unit, int) or unit <= 0):
+        raise MemoplanError(f"solve_mip: unit must be a positive int (bytes), got {unit!r}.")
+
+
+def _gcd_unit(blocks: Sequence[Block]) -> int:
+    """Largest unit that divides every size (1 when there are no non-zero sizes)."""
+    return reduce(math.gcd, (b.size for b in blocks if b.size), 0) or 1
+
+
+def _problem(blocks: list[Block], unit: int) -> _Problem:
+    """Scale sizes to units (rounding up) and find the universal and identical blocks."""
+    scaled = [
+        Block(id=b.id, size=-(-b.size // unit), start=b.start, end=b.end) for b in blocks
+    ]
+    active = [i for i, b in enumerate(scaled) if not b.is_trivial]
+    universal = _universal(scaled, active)
+    pinned = set(universal)
+    by_key: dict[tuple[int, int, int], list[int]] = {}
+    for i in active:
+        if i not in pinned:
+            b = scaled[i]
+            by_key.setdefault((b.size, b.start, b.end), []).append(i)
+    groups = [members for members in by_key.values() if len(members) > 1]
+    bound = max([lower_bound(scaled)] + [b.size for b in scaled])  # every block fits under M
+    return _Problem(
+        blocks=scaled,
+        unit=unit,
+        bound=bound,
+        universal=universal,
+        groups=groups,
+        names=_names(scaled),
+    )
+
+
+def _universal(blocks: list[Block], active: list[int]) -> list[int]:
+    """Indices of active blocks whose lifetime overlaps that of every other active block."""
+    ends = sorted((blocks[i].end, i) for i in active)[:2]
+    starts = sorted(((blocks[i].start, i) for i in active), reverse=True)[:2]
+    found = []
+    for i in active:
+        min_end = next((end for end, j in ends if j != i), math.inf)
+        max_start = next((start for start, j in starts if j != i), -math.inf)
+        if blocks[i].start < min_end and max_start < blocks[i].end:
+            found.append(i)
+    return found
+
+
+def _start_plan(problem: _Problem, blocks: list[Block], warm_start: Placement | None) -> _Start:
+    """The better of greedy-by-size and the warm start, in canonical form (see `_canonical`)."""
+    greedy = _canonical(problem, greedy_offsets(problem.blocks))
+    best = _Start(offsets=greedy, peak=peak_of(problem.blocks, greedy), method="greedy")
+    if warm_start is not None:
+        warm = _canonical(problem, _warm_offsets(problem, blocks, warm_start))
+        warm_peak = peak_of(problem.blocks, warm)
+        if warm_peak < best.peak:
+            best = _Start(offsets=warm, peak=warm_peak, method=warm_start.method)
+    return best
+
+
+def _warm_offsets(
+    problem: _Problem, blocks: list[Block], warm_start: Placement
+) -> dict[BlockId, int]:
+    """The warm start's offsets in units.
+
+    A warm start that is valid in bytes but not on the unit grid (offsets not multiples of the
+    unit, or clashing once sizes round up) is realigned: its blocks are placed again, first-fit
+    in the order of its offsets. MemoplanError when it is no valid plan for `blocks`.
+    """
+    missing = [b.id for b in blocks if b.id not in warm_start.offsets]
+    if missing:
+        raise MemoplanError(f"solve_mip: warm_start has no offsets for blocks {missing!r}.")
+    offsets = {b.id: warm_start.offsets[b.id] for b in blocks}
+    negative = [block_id for block_id, offset in offsets.items() if offset < 0]
+    clash = _first_clash(blocks, offsets)
+    if negative or clash is not None:
+        raise MemoplanError(
+            f"solve_mip: warm_start is not a valid plan (negative offsets for {negative!r}, "
+            f"overlapping blocks {clash!r}); pass a checked Placement or none."
+        )
+    unit = problem.unit
+    if all(offset % unit == 0 for offset in offsets.values()):
+        in_units = {block_id: offset // unit for block_id, offset in offsets.items()}
+        if _first_clash(problem.blocks, in_units) is None:
+            return in_units
+    return _first_fit_in_order(problem.blocks, sorted(blocks, key=lambda b: offsets[b.id]))
+
+
+def _first_fit_in_order(unit_blocks: list[Block], order: list[Block]) -> dict[BlockId, int]:
+    """Place blocks first-fit (lowest offset that fits) in the given order, in units."""
+    by_id = {b.id: b for b in unit_blocks}
+    placed: list[Block] = []
+    offsets: dict[BlockId, int] = {}
+    for block in order:
+        unit_block = by_id[block.id]
+        offsets[block.id] = lowest_fit(unit_block, placed, offsets)
+        if not unit_block.is_trivial:
+            placed.append(unit_block)
+    return offsets
+
+
+def _first_clash(blocks: list[Block], offsets: dict[BlockId, int]) -> tuple | None:
+    """Ids of the first two blocks live together at overlapping addresses, or None."""
+    order = sorted((b for b in blocks if not b.is_trivial), key=lambda b: b.start)
+    live: list[Block] = []
+    for block in order:
+        live = [other for other in live if other.end > block.start]
+        low, high = offsets[block.id], offsets[block.id] + block.size
+        for other in live:
+            if max(low, offsets[other.id]) < min(high, offsets[other.id] + other.size):
+                return other.id, block.id
+        live.append(block)
+    return None
+
+
+def _canonical(problem: _Problem, offsets: dict[BlockId, int]) -> dict[BlockId, int]:
+    """Move a valid plan into the form the model's reductions demand, without raising its peak.
+
+    1. Universal blocks to the bottom, stacked in input order; every other block p moves to
+       floor + A_p - (units of universal blocks below p). Valid: each universal block u is live
+       together with every p, so p lies wholly below or above u; for p below q (both live at a
+       common step) the gap between them only loses the universal blocks that sat inside it, and
+       A_p + S_p + (universal units above p) <= M keeps the peak.
+    2. Identical blocks: hand the group's offsets, sorted, to its members in input order.
+       Swapping identical blocks' offsets never changes which bytes are used at which step.
+    Trivial blocks (size 0 or empty lifetime) go to offset 0.
+    """
+    blocks = problem.blocks
+    result = {b.id: 0 for b in blocks}
+    floor = 0
+    for i in problem.universal:
+        result[blocks[i].id] = floor
+        floor += blocks[i].size
+    pinned = sorted(  # (top, size) of each universal block in the given plan
+        (offsets[blocks[i].id] + blocks[i].size, blocks[i].size) for i in problem.universal
+    )
+    tops = [top for top, _ in pinned]
+    units_up_to = list(accumulate((size for _, size in pinned), initial=0))
+    universal = set(problem.universal)
+    for i, block in enumerate(blocks):
+        if not block.is_trivial and i not in universal:
+            offset = offsets[block.id]
+            result[block.id] = floor + offset - units_up_to[bisect_right(tops, offset)]
+    for members in problem.groups:
+        values = sorted(result[blocks[i].id] for i in members)
+        for i, value in zip(members, values, strict=True):
+            result[blocks[i].id] = value
+    return result
+
+
+def _names(blocks: list[Block]) -> dict[BlockId, str]:
+    """Each block's id as it appears in variable and constraint names: MPS-safe characters,
+    and unique (CBC matches warm-start values to variables by name), so an id that collides
+    after cleaning gets its input position appended, e.g. ``a_b~3``."""
+    names: dict[BlockId, str] = {}
+    used: set[str] = set()
+    for index, block in enumerate(blocks):
+        name = re.sub(r"[^A-Za-z0-9_.#:-]", "_", str(block.id))
+        while name in used:
+            name = f"{name}~{index}"
+        names[block.id] = name
+        used.add(name)
+    return names
+
+
+def _build_model(
+    problem: _Problem, start: _Start, *, deadline: float = math.inf
+) -> tuple[mip.Model, dict[BlockId, mip.Var]] | None:
+    """The DSA model for the blocks the reductions leave free, warm-started from `start`.
+
+    None when the clock (``time.perf_counter``) passes `deadline` before the model is built.
+    """
+    model = mip.Model(name="dsa", sense=mip.MINIMIZE, solver_name=mip.CBC)
+    model.verbose = 0
+    model.max_mip_gap = 0.0
+    model.max_mip_gap_abs = 0.999  # M is integral: a gap below one unit proves optimality
+    # Cuts barely move the bound of big-M disjunctions, and feasibility emphasis finds better
+    # plans sooner: on 40 random 15-25 block traces this pair solved 3x faster than CBC's
+    # defaults, and it keeps CBC's time-limit overrun to a fraction of a second.
+    model.cuts = 0
+    model.emphasis = mip.SearchEmphasis.FEASIBILITY
+    offsets = _add_offsets(model, problem, start)
+    peak = model.add_var("peak", var_type=mip.INTEGER, lb=problem.bound, ub=start.peak)
+    model.objective = mip.minimize(peak)
+    _add_peak(model, problem, offsets, peak)
+    below = _add_nooverlap(model, problem, offsets, start.peak, deadline)
+    if below is None:
+        return None
+    _add_symmetry(model, problem, offsets)
+    if time.perf_counter() > deadline:
+        return None
+    model.start = _start_values(problem, start, offsets, below, peak)
+    return model, offsets
+
+
+def _free_blocks(problem: _Problem) -> list[int]:
+    """Indices of the blocks whose offset the MIP decides (not trivial, not universal)."""
+    pinned = set(problem.universal)
+    return [i for i, b in enumerate(problem.blocks) if not b.is_trivial and i not in pinned]
+
+
+def _add_offsets(model: mip.Model, problem: _Problem, start: _Start) -> dict[BlockId, mip.Var]:
+    """offset[i] = A_i, integer in units, floor <= A_i <= U - S_i (universal blocks below)."""
+    offsets = {}
+    for i in _free_blocks(problem):
+        block = problem.blocks[i]
+        offsets[block.id] = model.add_var(
+            f"offset[{problem.names[block.id]}]",
+            var_type=mip.INTEGER,
+            lb=problem.floor,
+            ub=start.peak - block.size,
+        )
+    return offsets
+
+
+def _add_peak(
+    model: mip.Model, problem: _Problem, offsets: dict[BlockId, mip.Var], peak: mip.Var
+) -> None:
+    """peak[i]: A_i + S_i <= M for every free block (pinned ones fit under LB <= M)."""
+    for i in _free_blocks(problem):
+        block = problem.blocks[i]
+        model.add_constr(
+            mip.LinExpr([offsets[block.id], peak], [1, -1]) <= -block.size,
+            name=f"peak[{problem.names[block.id]}]",
+        )
+
+
+def _conflicting_pairs(problem: _Problem) -> list[tuple[int, int]]:
+    """Pairs (i, j), i < j, of free blocks live at a common step that the model must separate.
+
+    Pairs inside one group of identical blocks are left to `_add_symmetry`.
+    """
+    group_of = {i: g for g, members in enumerate(problem.groups) for i in members}
+    order = sorted(_free_blocks(problem), key=lambda i: problem.blocks[i].start)
+    live: list[int] = []
+    pairs = []
+    for j in order:
+        live = [i for i in live if problem.blocks[i].end > problem.blocks[j].start]
+        for i in live:
+            if group_of.get(i, -1) != group_of.get(j, -2):
+                pairs.append((min(i, j), max(i, j)))
+        live.append(j)
+    return sorted(pairs)
+
+
+def _add_nooverlap(
+    model: mip.Model,
+    problem: _Problem,
+    offsets: dict[BlockId, mip.Var],
+    big_m: int,
+    deadline: float,
+) -> dict[tuple[int, int], mip.Var] | None:
+    """For blocks i, j live at a common step, with z_ij = below[i,j] binary:
+
+    nooverlap[i,j]: A_i + S_i <= A_j + U * (1 - z_ij)
+    nooverlap[j,i]: A_j + S_j <= A_i + U * z_ij
+
+    Above SPLIT_BINARY_PAIRS pairs, "j below i" gets a binary of its own, z_ji = below[j,i]:
+    nooverlap[j,i]: A_j + S_j <= A_i + U * (1 - z_ji) and order[i,j]: z_ij + z_ji = 1. The same
+    model, without the parallel row pairs whose detection in CBC's presolve grows with the
+    square of their number (8 s for 26k pairs, before the time limit is ever checked).
+    Returns the binaries by (lower, upper) block index; None when `deadline` passes first.
+    """
+    pairs = _conflicting_pairs(problem)
+    split = len(pairs) > SPLIT_BINARY_PAIRS
+    below: dict[tuple[int, int], mip.Var] = {}
+    for count, (i, j) in enumerate(pairs):
+        if count % 1024 == 0 and time.perf_counter() > deadline:
+            return None
+        below.update(_add_pair(model, problem, offsets, big_m, (i, j), split=split))
+    return below
+
+
+def _add_pair(
+    model: mip.Model,
+    problem: _Problem,
+    offsets: dict[BlockId, mip.Var],
+    big_m: int,
+    pair: tuple[int, int],
+    *,
+    split: bool,
+) -> dict[tuple[int, int], mip.Var]:
+    """The disjunction for one pair (see `_add_nooverlap`); its binaries by (lower, upper)."""
+    i, j = pair
+    a, b = problem.blocks[i], problem.blocks[j]
+    name_a, name_b = problem.names[a.id], problem.names[b.id]
+    a_var, b_var = offsets[a.id], offsets[b.id]
+    z = model.add_var(f"below[{name_a},{name_b}]", var_type=mip.BINARY)
+    model.add_constr(
+        mip.LinExpr([a_var, b_var, z], [1, -1, big_m]) <= big_m - a.size,
+        name=f"nooverlap[{name_a},{name_b}]",
+    )
+    if not split:
+        model.add_constr(
+            mip.LinExpr([b_var, a_var, z], [1, -1, -big_m]) <= -b.size,
+            name=f"nooverlap[{name_b},{name_a}]",
+        )
+        return {(i, j): z}
+    z_back = model.add_var(f"below[{name_b},{name_a}]", var_type=mip.BINARY)
+    model.add_constr(
+        mip.LinExpr([b_var, a_var, z_back], [1, -1, big_m]) <= big_m - b.size,
+        name=f"nooverlap[{name_b},{name_a}]",
+    )
+    model.add_constr(mip.LinExpr([z, z_back], [1, 1]) == 1, name=f"order[{name_a},{name_b}]")
+    return {(i, j): z, (j, i): z_back}
+
+
+def _add_symmetry(model: mip.Model, problem: _Problem, offsets: dict[BlockId, mip.Var]) -> None:
+    """sym[i,j]: A_i + S_i <= A_j for consecutive identical blocks i, j (input order)."""
+    for members in problem.groups:
+        for i, j in zip(members, members[1:]):
+            a, b = problem.blocks[i], problem.blocks[j]
+            model.add_constr(
+                mip.LinExpr([offsets[a.id], offsets[b.id]], [1, -1]) <= -a.size,
+                name=f"sym[{problem.names[a.id]},{problem.names[b.id]}]",
+            )
+
+
+def _start_values(
+    problem: _Problem,
+    start: _Start,
+    offsets: dict[BlockId, mip.Var],
+    below: dict[tuple[int, int], mip.Var],
+    peak: mip.Var,
+) -> list[tuple[mip.Var, float]]:
+    """Values of every variable in the start plan (below[i,j] = 1 where i lies below j)."""
+    values = [(var, start.offsets[block_id]) for block_id, var in offsets.items()]
+    values.append((peak, start.peak))
+    for (i, j), z in below.items():
+        a, b = problem.blocks[i], problem.blocks[j]
+        values.append((z, 1 if start.offsets[a.id] + a.size <= start.offsets[b.id] else 0))
+    return values
+
+
+def _read_result(
+    blocks: list[Block],
+    problem: _Problem,
+    start: _Start,
+    model: mip.Model,
+    status: mip.OptimizationStatus,
+    offsets: dict[BlockId, mip.Var],
+    began: float,
+) -> tuple[Placement, int]:
+    """The better of CBC's plan and the start plan, and the bound on the peak (units).
+
+    The start plan, marked "greedy-fallback", when CBC returned no usable plan.
+    """
+    if status not in (mip.OptimizationStatus.OPTIMAL, mip.OptimizationStatus.FEASIBLE):
+        log.warning("solve_mip: CBC ended with %s and no plan; keeping the start plan", status)
+        return _fallback(blocks, problem, start, began), problem.bound
+    found = dict(start.offsets)
+    found.update({block_id: round(var.x) for block_id, var in offsets.items()})
+    clash = _first_clash(problem.blocks, found)
+    if clash is not None or min(found.values(), default=0) < 0:
+        log.warning("solve_mip: CBC's plan is invalid (clash %s); keeping the start plan", clash)
+        return _fallback(blocks, problem, start, began), problem.bound
+    found_peak = peak_of(problem.blocks, found)
+    best, best_peak, method = start.offsets, start.peak, start.method
+    if found_peak < start.peak:
+        best, best_peak, method = found, found_peak, "mip"
+    bound = max(problem.bound, math.ceil(model.objective_bound - 1e-6))
+    if status == mip.OptimizationStatus.OPTIMAL:
+        bound = max(bound, found_peak)
+    bound = min(bound, best_peak)
+    gap = (best_peak - bound) / best_peak
+    status_text = "optimal" if gap == 0 else "feasible"
+    return _placement(blocks, problem, best, method, status_text, gap, began), bound
+
+
+def _fallback(blocks: list[Block], problem: _Problem, start: _Start, began: float) -> Placement:
+    """The start plan, marked "greedy-fallback", with its gap to the lower bound."""
+    gap = (start.peak - problem.bound) / start.peak
+    return _placement(blocks, problem, start.offsets, start.method, "greedy-fallback", gap, began)
+
+
+def _peak_bytes(blocks: list[Block], offsets: dict[BlockId, int], unit: int) -> int:
+    """Arena bytes the plan needs: max of offset + size in bytes."""
+    return max((offsets[b.id] * unit + b.size for b in blocks), default=0)
+
+
+def _placement(
+    blocks: list[Block],
+    problem: _Problem,
+    offsets: dict[BlockId, int],
+    method: str,
+    status: str,
+    gap: float,
+    began: float,
+) -> Placement:
+    """A Placement in bytes from offsets in units."""
+    return Placement(
+        offsets={b.id: offsets[b.id] * problem.unit for b in blocks},
+        peak=_peak_bytes(blocks, offsets, problem.unit),
+        lower_bound=lower_bound(blocks),
+        method=method,
+        status=status,
+        gap=gap,
+        seconds=time.perf_counter() - began,
+    )

@@ -1,0 +1,180 @@
+"""Swap fractions per layer (the token-wise swap/recompute split) and the cost model.
+
+For each offloaded layer, the layer input, the mixing outputs and the saved tensors that are not
+token-wise are copied to host whole ("always"); a fraction alpha of the token-wise saved tokens
+is copied too and the rest is recomputed before the layer's backward. alpha is the largest value
+in [0, 1] with
+
+    (always + alpha * token_wise) / B_pcie        <= T_forward       (copy hides behind compute)
+    n_offloaded * (always + alpha * token_wise)   <= M_host          (host memory suffices)
+
+where B_pcie and M_host are one GPU's share of its node's (the GPUs of a node copy at once).
+The last ``keep_last`` layers are not offloaded (their backward follows at once). When even
+alpha = 0 does not fit host memory, only as many layers as fit are offloaded and the others are
+checkpointed: their input stays on the GPU and the whole layer is recomputed in backward.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from memoplan.errors import InfeasibleError
+from memoplan.ir import LayerDecision, Prediction, Profile
+from memoplan.solve.config import SolveConfig
+from memoplan.timeline import iteration_seconds, schedule
+from memoplan.units import fmt_bytes
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerBytes:
+    """Saved bytes of one layer on one GPU at the target length, by how they are handled."""
+
+    input: int
+    mixing: int
+    fixed: int        # other saved tensors that are not token-wise: copied whole
+    token_wise: int   # split by alpha
+    shared: int       # shared layer arguments (e.g. RoPE tables): once per GPU, kept
+
+    @property
+    def always(self) -> int:
+        return self.input + self.mixing + self.fixed
+
+    @property
+    def total(self) -> int:
+        return self.always + self.token_wise
+
+
+def per_gpu_bytes(law_value: float, cfg: SolveConfig) -> int:
+    """A whole-layer size at the full length, as one GPU's aligned share."""
+    share = max(0.0, law_value) / cfg.split
+    return int(math.ceil(share / cfg.align) * cfg.align) if share > 0 else 0
+
+
+def layer_bytes(profile: Profile, cfg: SolveConfig) -> LayerBytes:
+    sums = {"input": 0, "mixing": 0, "fixed": 0, "token_wise": 0, "shared": 0}
+    for t in profile.layer.saved:
+        key = {"input": "input", "mixing_output": "mixing", "shared": "shared"}.get(
+            t.kind, "token_wise" if t.token_wise else "fixed")
+        sums[key] += per_gpu_bytes(t.law.at(cfg.seq), cfg)
+    return LayerBytes(**sums)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerTimes:
+    forward: float            # seconds of one layer's forward on one GPU
+    backward: float
+    token_wise_forward: float  # the token-wise share of the forward (what recompute re-runs)
+    flops_forward: float       # per GPU
+    flops_backward: float
+
+
+def layer_times(profile: Profile, cfg: SolveConfig) -> LayerTimes:
+    rate = cfg.hardware.flops_per_s
+    f, b = profile.layer.flops_forward, profile.layer.flops_backward
+    ff = f.total_at(cfg.seq) / cfg.split
+    fb = b.total_at(cfg.seq) / cfg.split
+    return LayerTimes(forward=ff / rate, backward=fb / rate,
+                      token_wise_forward=f.token_wise_law.at(cfg.seq) / cfg.split / rate,
+                      flops_forward=ff, flops_backward=fb)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SwapDecision:
+    layers: tuple[LayerDecision, ...]
+    alpha_pcie: float          # unclamped alpha allowed by PCIe
+    alpha_host: float          # unclamped alpha allowed by host memory
+    bytes: LayerBytes
+    times: LayerTimes
+    pcie_bytes_per_s: float
+    host_bytes_per_gpu: float
+    fallback: str | None       # what was done when host memory could not hold alpha = 0
+    forced: bool
+
+
+def _alpha_for(budget: float, lb: LayerBytes) -> float:
+    """Unclamped alpha that spends ``budget`` bytes on a layer."""
+    if lb.token_wise == 0:
+        return 1.0 if budget >= lb.always else -1.0
+    return (budget - lb.always) / lb.token_wise
+
+
+def decide_swaps(profile: Profile, cfg: SolveConfig) -> SwapDecision:
+    """Per-layer mode and alpha; see the module docstring."""
+    lb = layer_bytes(profile, cfg)
+    times = layer_times(profile, cfg)
+    bw = cfg.hardware.pcie_bytes_per_s(cfg.gpus_sharing_node)
+    host = cfg.hardware.host_bytes_per_gpu(cfg.gpus_sharing_node)
+    n_layers = profile.model.num_layers
+    n_off = max(0, n_layers - cfg.keep_last)
+    alpha_pcie = _alpha_for(bw * times.forward, lb)
+    alpha_host = _alpha_for(host / n_off, lb) if n_off else 1.0
+    fallback = None
+    n_fit = n_off
+    if n_off and alpha_host < 0:
+        n_fit = int(host // lb.always) if lb.always else n_off
+        fallback = (f"host memory per GPU ({fmt_bytes(host)}) holds the always-swapped part of only "
+                    f"{n_fit} of {n_off} offloaded layers ({fmt_bytes(lb.always)} each at alpha=0); "
+                    f"the other {n_off - n_fit} are checkpointed: input kept on the GPU, whole layer "
+                    f"recomputed in backward")
+        alpha_host = _alpha_for(host / n_fit, lb) if n_fit else 0.0
+    if cfg.alpha is not None:
+        alpha = cfg.alpha
+        need = n_fit * (lb.always + alpha * lb.token_wise)
+        if need > host + 1:
+            raise InfeasibleError(
+                f"--alpha {alpha} needs {fmt_bytes(need)} of host memory per GPU for {n_fit} "
+                f"offloaded layers, but each GPU has {fmt_bytes(host)} ({cfg.hardware.host_mem_gb} "
+                f"GiB per node shared by {cfg.gpus_sharing_node} GPUs). Lower --alpha, or raise "
+                f"--host-mem-gb if the machine has more.")
+    else:
+        alpha = min(1.0, max(0.0, min(alpha_pcie, alpha_host)))
+    layers = []
+    for i in range(n_layers):
+        if i >= n_off:
+            layers.append(LayerDecision(index=i, mode="keep", alpha=0.0, swapped_bytes=0,
+                                        recomputed_bytes=0, host_bytes=0, gpu_kept_bytes=lb.total))
+        elif i >= n_fit:
+            layers.append(LayerDecision(index=i, mode="recompute", alpha=0.0, swapped_bytes=0,
+                                        recomputed_bytes=lb.total - lb.input, host_bytes=0,
+                                        gpu_kept_bytes=lb.input))
+        else:
+            swapped = lb.always + int(math.floor(alpha * lb.token_wise))
+            layers.append(LayerDecision(index=i, mode="offload", alpha=alpha, swapped_bytes=swapped,
+                                        recomputed_bytes=lb.total - swapped, host_bytes=swapped,
+                                        gpu_kept_bytes=0))
+    return SwapDecision(layers=tuple(layers), alpha_pcie=alpha_pcie, alpha_host=alpha_host,
+                        bytes=lb, times=times, pcie_bytes_per_s=bw, host_bytes_per_gpu=host,
+                        fallback=fallback, forced=cfg.alpha is not None)
+
+
+def predict(d: SwapDecision, cfg: SolveConfig) -> Prediction:
+    """Iteration time and MFU of the plan, and of keep-all and full recompute, on one model.
+
+    The plan's time is the end of its simulated copy/compute schedule (``memoplan.timeline``):
+    compute, plus copies that do not hide, plus recomputation of dropped tokens. Keep-all is
+    forward + backward of every layer; full recompute adds a forward per layer. Embedding, head
+    and communication are left out (the same for every strategy).
+    """
+    t = d.times
+    n = len(d.layers)
+    bars = schedule(d.layers, forward_s=t.forward, backward_s=t.backward,
+                    token_wise_forward_s=t.token_wise_forward, pcie_bytes_per_s=d.pcie_bytes_per_s)
+    plan = iteration_seconds(bars)
+    keep_all = n * (t.forward + t.backward)
+    full = n * (2 * t.forward + t.backward)
+    model_flops = n * (t.flops_forward + t.flops_backward)
+    peak = cfg.hardware.peak_tflops * 1e12
+
+    def mfu(seconds: float) -> float:
+        return model_flops / (seconds * peak) if seconds > 0 else 0.0
+
+    return Prediction(
+        forward_s=t.forward, backward_s=t.backward, token_wise_forward_s=t.token_wise_forward,
+        pcie_bytes_per_s=d.pcie_bytes_per_s,
+        copy_s=max((l.swapped_bytes for l in d.layers), default=0) / d.pcie_bytes_per_s,
+        stall_s=sum(b.end - b.start for b in bars if b.kind == "stall"),
+        recompute_s=sum(b.end - b.start for b in bars if b.kind == "recompute"),
+        iteration_s={"plan": plan, "keep_all": keep_all, "full_recompute": full},
+        mfu={"plan": mfu(plan), "keep_all": mfu(keep_all), "full_recompute": mfu(full)},
+        gpu_bytes={})

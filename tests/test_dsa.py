@@ -1,0 +1,453 @@
+"""The DSA solvers and the checker: hand-made traces with optima proved in comments, property
+tests against the checker and against brute force, the checker's own failures, bad traces, and
+the solver's time-limit and fallback paths."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from memoplan.errors import MemoplanError
+from memoplan.solve import mip_dsa
+from memoplan.solve.check import PlanCheckError, check_placement
+from memoplan.solve.dsa import (
+    Block,
+    Placement,
+    blocks_from_requests,
+    lower_bound,
+    lowest_fit,
+    peak_of,
+    solve_greedy,
+)
+from memoplan.solve.mip_dsa import solve_mip
+
+STATUSES = {"optimal", "feasible", "greedy-fallback"}
+
+
+def block(block_id: int | str, size: int, start: int, end: int) -> Block:
+    return Block(id=block_id, size=size, start=start, end=end)
+
+
+def plan(offsets: dict, peak: int, lower: int) -> Placement:
+    return Placement(offsets=offsets, peak=peak, lower_bound=lower, method="hand",
+                     status="feasible", gap=0.0, seconds=0.0)
+
+
+def brute_force_optimum(blocks: list[Block]) -> int:
+    """Least peak over first-fit placements in every order.
+
+    Some order reaches the optimum: place blocks in the order of an optimal plan's offsets;
+    by induction each lands at or below its optimal offset (the blocks placed before it lie
+    below it in the optimal plan and were moved only down), so the peak is at most optimal.
+    """
+    best = None
+    for order in itertools.permutations(blocks):
+        offsets: dict = {}
+        placed: list[Block] = []
+        for b in order:
+            offsets[b.id] = lowest_fit(b, placed, offsets)
+            placed.append(b)
+        peak = peak_of(blocks, offsets)
+        best = peak if best is None else min(best, peak)
+    return best or 0
+
+
+# --- hand-made traces ---------------------------------------------------------------------
+
+# A chain d - a - c - b of lifetimes (each overlaps only its neighbours), sizes 2, 1, 1, 2.
+# Live bytes: step 1: d+a = 3, step 2: a+c = 2, step 3: c+b = 3, so the lower bound is 3.
+# Greedy-by-size: d (2, earliest) at 0; b (2) at 0 (never live with d); a (1, longer) must
+# clear d: 2; c must clear a [2,3) and b [0,2): 3. Peak 4.
+# Optimum 3 (= lower bound): c at 0, b at 1, a at 2, d at 0: d [0,2) vs a [2,3), a vs c [0,1),
+# c vs b [1,3) are all disjoint.
+# Three blocks cannot show greedy-by-size losing: three intervals are pairwise live together
+# (then they share a step and any stack is optimal) or form a path or less, where the larger
+# end block at 0 and the middle one on top of it meets the lower bound.
+CHAIN = [block("a", 1, 1, 3), block("b", 2, 3, 4), block("c", 1, 2, 4), block("d", 2, 1, 2)]
+
+
+def test_greedy_loses_on_a_chain_and_the_mip_finds_the_optimum():
+    greedy = solve_greedy(CHAIN)
+    assert (greedy.peak, greedy.lower_bound, greedy.status) == (4, 3, "feasible")
+    assert greedy.gap == pytest.approx(0.25)
+
+    best = solve_mip(CHAIN, time_limit=10)
+
+    check_placement(CHAIN, best)
+    assert (best.peak, best.status, best.method, best.gap) == (3, "optimal", "mip", 0.0)
+
+
+def test_optimum_equal_to_the_lower_bound_is_returned_without_a_mip(monkeypatch):
+    # Steps: 0 malloc x(4) | 1 malloc y(2) | 2 free x | 3 malloc z(3) | 4 malloc w(1) | 5 free y
+    # Live bytes: 4, 6, 2, 5, 6, 4: lower bound 6. Greedy puts x at 0, z at 0 (x is dead by
+    # then), y at 4, w at 3: peak 6, so nothing can beat it and the MIP must not be built.
+    requests = [["malloc", "x", 4], ["malloc", "y", 2], ["free", "x", 4], ["malloc", "z", 3],
+                ["malloc", "w", 1], ["free", "y", 2]]
+    blocks = blocks_from_requests(requests)
+    assert lower_bound(blocks) == 6
+
+    def must_not_build(*args, **kwargs):
+        raise AssertionError("the MIP was built although greedy meets the lower bound")
+
+    monkeypatch.setattr(mip_dsa, "_build_model", must_not_build)
+    result = solve_mip(blocks, time_limit=5)
+
+    check_placement(blocks, result)
+    assert (result.peak, result.status, result.method, result.gap) == (6, "optimal", "greedy", 0)
+
+
+# Four unit blocks p, q, r, s are live together over steps 3..5; live bytes never exceed 4, so
+# the lower bound is 4. With fillers: step 0: p alone with f0 (3) | step 1: p, q with f1 (2) |
+# step 7: q, r with f7 (2) | step 8: r alone with f8 (3).
+# Suppose a plan of peak 4 (slots 0..3). Step 0: f0 needs 3 contiguous bytes, so p is at 0 or 3;
+# step 8: likewise r. p and r are live together (steps 2..5), so by mirror symmetry p = 0 and
+# r = 3. Step 1: f1 needs 2 contiguous bytes beside p and q, so q is at 1 or 3, and 3 is r's:
+# q = 1. Step 7: q = 1 and r = 3 leave slots 0 and 2, not 2 contiguous bytes for f7.
+# So the optimum is at least 5, and the MIP finds 5: fragmentation no plan can avoid.
+UNAVOIDABLE = [
+    block("p", 1, 0, 6), block("q", 1, 1, 8), block("r", 1, 2, 9), block("s", 1, 3, 7),
+    block("f0", 3, 0, 1), block("f1", 2, 1, 2), block("f7", 2, 7, 8), block("f8", 3, 8, 9),
+]
+
+
+def test_optimum_strictly_above_the_lower_bound_is_proved():
+    assert lower_bound(UNAVOIDABLE) == 4
+
+    result = solve_mip(UNAVOIDABLE, time_limit=20)
+
+    check_placement(UNAVOIDABLE, result)
+    assert (result.peak, result.status, result.gap) == (5, "optimal", 0.0)
+    assert brute_force_optimum(UNAVOIDABLE) == 5
+
+
+def test_sizes_are_solved_in_units_of_their_gcd_and_offsets_stay_multiples():
+    blocks = [block(b.id, b.size * 4096, b.start, b.end) for b in CHAIN]
+
+    result = solve_mip(blocks, time_limit=10)
+
+    check_placement(blocks, result)
+    assert result.peak == 3 * 4096
+    assert all(offset % 4096 == 0 for offset in result.offsets.values())
+
+
+def test_an_explicit_unit_rounds_sizes_up_and_aligns_offsets():
+    blocks = [block("a", 100, 0, 2), block("b", 700, 1, 3), block("c", 300, 2, 4)]
+
+    result = solve_mip(blocks, time_limit=10, unit=512)
+
+    check_placement(blocks, result)
+    assert all(offset % 512 == 0 for offset in result.offsets.values())
+    # a and b are live together, b and c too: b takes 2 units, a or c the 3rd.
+    assert result.peak <= 2 * 512 + 300 and result.status == "optimal"
+
+
+def test_identical_blocks_and_a_universal_block_keep_the_optimum():
+    # "big" is live together with every other block (it is pinned at 0); the two copies of
+    # (2, [1, 3)) are ordered. Brute force confirms that the optimum survives both.
+    blocks = [block("big", 5, 0, 6)] + [block(f"copy{i}", 2, 1, 3) for i in range(2)] + [
+        block("a", 1, 1, 4), block("b", 2, 3, 5), block("c", 1, 4, 6), block("d", 3, 0, 2)]
+
+    result = solve_mip(blocks, time_limit=10)
+
+    check_placement(blocks, result)
+    assert result.offsets["big"] == 0
+    assert result.offsets["copy0"] < result.offsets["copy1"]
+    assert result.status == "optimal"
+    assert result.peak == brute_force_optimum(blocks)
+
+
+def test_constraints_have_stable_readable_names():
+    problem = mip_dsa._problem(CHAIN, 1)
+    start = mip_dsa._start_plan(problem, CHAIN, None)
+    model, _ = mip_dsa._build_model(problem, start)
+
+    names = {constr.name for constr in model.constrs}
+
+    # a-c and c-b overlap in time, and a-d: the only disjunctions; a peak row per free block.
+    assert {"nooverlap[a,c]", "nooverlap[c,a]", "nooverlap[b,c]", "nooverlap[c,b]",
+            "nooverlap[a,d]", "nooverlap[d,a]"} <= names
+    assert {"peak[a]", "peak[b]", "peak[c]", "peak[d]"} <= names
+    assert not any(name.startswith("nooverlap[a,b]") for name in names)  # never live together
+
+
+def test_many_pairs_get_two_binaries_per_pair_and_the_same_optimum(monkeypatch):
+    monkeypatch.setattr(mip_dsa, "SPLIT_BINARY_PAIRS", 0)
+    problem = mip_dsa._problem(CHAIN, 1)
+    model, _ = mip_dsa._build_model(problem, mip_dsa._start_plan(problem, CHAIN, None))
+
+    names = {constr.name for constr in model.constrs}
+    assert {"order[a,c]", "nooverlap[a,c]", "nooverlap[c,a]"} <= names
+    assert {"below[a,c]", "below[c,a]"} <= {var.name for var in model.vars}
+    for blocks, optimum in ((CHAIN, 3), (UNAVOIDABLE, 5)):
+        result = solve_mip(blocks, time_limit=20)
+        check_placement(blocks, result)
+        assert (result.peak, result.status) == (optimum, "optimal")
+
+
+def test_ids_that_clean_to_the_same_name_stay_apart():
+    # CBC matches warm-start values by variable name: names must be unique after cleaning.
+    ids = {"a": 1, "b": "1", "c": "x y", "d": "x_y"}
+    blocks = [block(ids[b.id], b.size, b.start, b.end) for b in CHAIN]
+
+    names = mip_dsa._problem(blocks, 1).names
+    result = solve_mip(blocks, time_limit=10)
+
+    assert len(set(names.values())) == 4
+    check_placement(blocks, result)
+    assert (result.peak, result.status) == (3, "optimal")
+
+
+def test_progress_reports_best_and_bound_in_bytes():
+    seen: list[tuple[int, int]] = []
+
+    solve_mip(CHAIN, time_limit=10, on_progress=lambda best, bound: seen.append((best, bound)))
+
+    assert seen[0] == (4, 3)  # greedy's peak, the lower bound
+    assert seen[-1] == (3, 3)
+
+
+def test_a_warm_start_better_than_greedy_is_kept():
+    optimal = plan({"a": 2, "b": 1, "c": 0, "d": 0}, 3, 3)
+
+    result = solve_mip(CHAIN, time_limit=10, warm_start=optimal)
+
+    check_placement(CHAIN, result)
+    assert (result.peak, result.status, result.method) == (3, "optimal", "hand")
+
+
+def test_a_warm_start_off_the_unit_grid_is_realigned():
+    blocks = [block("a", 1000, 0, 2), block("b", 1000, 1, 3)]
+    warm = solve_greedy(blocks)  # b at 1000 bytes: not a multiple of 512
+
+    result = solve_mip(blocks, time_limit=10, unit=512, warm_start=warm)
+
+    check_placement(blocks, result)
+    assert result.offsets == {"a": 0, "b": 1024}
+
+
+def test_an_invalid_warm_start_is_refused():
+    with pytest.raises(MemoplanError, match="warm_start is not a valid plan"):
+        solve_mip(CHAIN, warm_start=plan({"a": 0, "b": 0, "c": 0, "d": 0}, 2, 3))
+    with pytest.raises(MemoplanError, match="warm_start has no offsets for blocks"):
+        solve_mip(CHAIN, warm_start=plan({"a": 0}, 1, 3))
+
+
+def test_bad_solver_options_are_refused():
+    with pytest.raises(MemoplanError, match="time_limit must be > 0"):
+        solve_mip(CHAIN, time_limit=0)
+    with pytest.raises(MemoplanError, match="unit must be a positive int"):
+        solve_mip(CHAIN, unit=0)
+    with pytest.raises(MemoplanError, match="block ids must be unique"):
+        solve_mip([block("a", 1, 0, 1), block("a", 2, 0, 1)])
+
+
+def test_empty_and_trivial_blocks():
+    assert solve_mip([]).peak == 0 and solve_greedy([]).peak == 0
+    # A block never live still needs offset + size <= peak: the peak is 8, not the live 4.
+    blocks = [block("zero", 0, 0, 5), block("empty", 8, 3, 3), block("one", 4, 0, 5)]
+
+    result = solve_mip(blocks)
+
+    check_placement(blocks, result)
+    assert (result.peak, result.lower_bound, result.status) == (8, 4, "optimal")
+
+
+# --- time limit and fallback ----------------------------------------------------------------
+
+
+def random_blocks(seed: int, n: int, steps: int) -> list[Block]:
+    rng = random.Random(seed)
+    blocks = []
+    for i in range(n):
+        start = rng.randrange(steps)
+        blocks.append(block(i, 512 * rng.randint(1, 40), start,
+                            min(steps, start + rng.randint(1, steps // 4))))
+    return blocks
+
+
+def test_time_limit_returns_a_checked_plan():
+    blocks = random_blocks(seed=0, n=150, steps=60)
+
+    result = solve_mip(blocks, time_limit=1)
+
+    assert result.status in STATUSES
+    check_placement(blocks, result)
+    assert result.peak <= solve_greedy(blocks).peak
+    assert result.seconds < 5
+    assert 0 <= result.gap < 1
+
+
+def test_a_limit_spent_on_building_the_model_falls_back_to_greedy():
+    result = solve_mip(CHAIN, time_limit=1e-9)
+
+    check_placement(CHAIN, result)
+    assert (result.status, result.method, result.peak) == ("greedy-fallback", "greedy", 4)
+
+
+def test_no_plan_from_cbc_falls_back_to_greedy(monkeypatch):
+    monkeypatch.setattr(mip_dsa.mip.Model, "optimize",
+                        lambda self, **kw: mip_dsa.mip.OptimizationStatus.NO_SOLUTION_FOUND)
+
+    result = solve_mip(CHAIN, time_limit=5)
+
+    check_placement(CHAIN, result)
+    assert (result.status, result.peak, result.gap) == ("greedy-fallback", 4, 0.25)
+
+
+# --- property tests -------------------------------------------------------------------------
+
+SMALL_SIZES = st.sampled_from([1, 2, 3, 4, 6, 8])
+
+
+@st.composite
+def block_lists(draw, max_blocks: int = 25, steps: int = 20, sizes=SMALL_SIZES,
+                scale: int = 256) -> list[Block]:
+    n = draw(st.integers(0, max_blocks))
+    blocks = []
+    for i in range(n):
+        start = draw(st.integers(0, steps - 1))
+        end = draw(st.integers(start + 1, steps))
+        blocks.append(block(i, draw(sizes) * scale, start, end))
+    return blocks
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(block_lists())
+def test_greedy_and_mip_plans_pass_the_checker(blocks):
+    greedy = solve_greedy(blocks)
+    best = solve_mip(blocks, time_limit=1)
+
+    check_placement(blocks, greedy)
+    check_placement(blocks, best)
+    assert best.status in STATUSES
+    assert greedy.lower_bound <= best.peak <= greedy.peak
+    assert best.status != "optimal" or best.gap == 0
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(block_lists(max_blocks=15, sizes=st.integers(1, 20), scale=97))
+def test_an_alignment_unit_with_a_greedy_warm_start_in_bytes(blocks):
+    # How the bi-level planner calls it: odd sizes, offsets aligned to 512 bytes, and a warm
+    # start from greedy-by-size on the raw bytes (off the 512-byte grid).
+    result = solve_mip(blocks, time_limit=1, unit=512, warm_start=solve_greedy(blocks))
+
+    check_placement(blocks, result)
+    assert all(offset % 512 == 0 for offset in result.offsets.values())
+    aligned = [block(b.id, -(-b.size // 512) * 512, b.start, b.end) for b in blocks]
+    assert result.peak <= solve_greedy(aligned).peak
+
+
+@settings(max_examples=30, deadline=None)
+@given(block_lists(max_blocks=6, steps=4, sizes=st.sampled_from([1, 2, 3])))
+def test_mip_optimum_matches_brute_force(blocks):
+    # Few steps make identical and universal blocks common: the reductions must keep an optimum.
+    result = solve_mip(blocks, time_limit=10)
+
+    assert result.status == "optimal"
+    assert result.peak == brute_force_optimum(blocks)
+
+
+@st.composite
+def traces(draw) -> list[list]:
+    """Valid traces: each id's first event is its malloc, its second (if any) its free."""
+    n = draw(st.integers(1, 12))
+    sizes = draw(st.lists(st.integers(0, 5000), min_size=n, max_size=n))
+    freed = draw(st.lists(st.booleans(), min_size=n, max_size=n))
+    events = [i for i in range(n)] + [i for i in range(n) if freed[i]]
+    order = draw(st.permutations(events))
+    seen: set[int] = set()
+    trace = []
+    for i in order:
+        trace.append(["free" if i in seen else "malloc", i, sizes[i]])
+        seen.add(i)
+    return trace
+
+
+@settings(max_examples=50, deadline=None)
+@given(traces())
+def test_blocks_follow_the_trace_and_the_bound_is_the_live_peak(trace):
+    blocks = blocks_from_requests(trace)
+
+    by_id = {b.id: b for b in blocks}
+    for step, (op, i, nbytes) in enumerate(trace):
+        assert by_id[i].size == nbytes
+        assert (by_id[i].start if op == "malloc" else by_id[i].end) == step
+    live_per_step = [sum(b.size for b in blocks if b.start <= t < b.end)
+                     for t in range(len(trace))]
+    assert lower_bound(blocks) == max(live_per_step)
+
+
+# --- the checker can fail -------------------------------------------------------------------
+
+PAIR = [block("a", 4, 0, 2), block("b", 4, 1, 3)]
+
+
+def test_checker_accepts_a_valid_plan():
+    check_placement(PAIR, plan({"a": 0, "b": 4}, 8, 8))
+
+
+@pytest.mark.parametrize(("offsets", "peak", "lower", "message"), [
+    ({"a": 0, "b": 2}, 6, 8, r"blocks 'a' \(\[0, 4\) bytes, steps \[0, 2\)\) and 'b'"),
+    ({"a": 0, "b": 4}, 6, 8, r"block 'b' occupies \[4, 8\) bytes, beyond the claimed peak"),
+    ({"a": 0, "b": 4}, 9, 8, "claimed peak is 9 bytes but the blocks reach 8"),
+    ({"a": 0, "b": 4}, 8, 7, "claimed lower bound is 7 bytes but .* is 8"),
+    ({"a": 0}, 8, 8, r"no offset for blocks \['b'\]"),
+    ({"a": 0, "b": 4, "c": 0}, 8, 8, r"offsets given for unknown blocks \['c'\]"),
+    ({"a": -4, "b": 4}, 8, 8, "block 'a' has offset -4; need an int >= 0"),
+])
+def test_checker_rejects_bad_plans(offsets, peak, lower, message):
+    with pytest.raises(PlanCheckError, match=message):
+        check_placement(PAIR, plan(offsets, peak, lower))
+
+
+def test_checker_allows_reuse_once_a_block_is_dead():
+    # b starts at the step a ends: lifetimes are half-open, so they may share bytes.
+    blocks = [block("a", 4, 0, 2), block("b", 4, 2, 3)]
+    check_placement(blocks, plan({"a": 0, "b": 0}, 4, 4))
+
+
+# --- bad traces -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("trace", "message"), [
+    ([["free", 1, 8]], r"Request 0: free of unknown id 1"),
+    ([["malloc", 1, 8], ["malloc", 1, 8]], r"Request 1: malloc of id 1, which is still live"),
+    ([["malloc", 1, -8]], r"Request 0: malloc of id 1 has negative bytes \(-8\)"),
+    ([["malloc", 1, 8], ["free", 1, 16]], r"free of id 1 says 16 bytes but its malloc said 8"),
+    ([["malloc", 1, 8], ["free", 1, 8], ["free", 1, 8]], r"Request 2: free of unknown id 1"),
+    ([["alloc", 1, 8]], r"op must be \"malloc\" or \"free\""),
+    ([["malloc", 1]], r"expected \[op, id, bytes\]"),
+    ([["malloc", 1, 8.5]], r"bytes must be an int"),
+])
+def test_bad_traces_are_refused_with_the_step(trace, message):
+    with pytest.raises(MemoplanError, match=message):
+        blocks_from_requests(trace)
+
+
+def test_live_at_start_and_never_freed_tensors():
+    trace = [["malloc", 2, 8], ["free", 1, 16], ["malloc", 3, 4]]
+
+    blocks = blocks_from_requests(trace, live_at_start={1: 16})
+
+    assert blocks == [block(1, 16, 0, 1), block(2, 8, 0, 3), block(3, 4, 2, 3)]
+    with pytest.raises(MemoplanError, match="bytes -1; need an int >= 0"):
+        blocks_from_requests(trace, live_at_start={1: -1})
+
+
+def test_an_id_reused_after_its_free_gets_a_numbered_block():
+    trace = [["malloc", 7, 8], ["free", 7, 8], ["malloc", 7, 4], ["free", 7, 4]]
+
+    blocks = blocks_from_requests(trace)
+
+    assert [(b.id, b.size, b.start, b.end) for b in blocks] == [(7, 8, 0, 1), ("7#1", 4, 2, 3)]
+
+
+def test_blocks_refuse_impossible_fields():
+    with pytest.raises(MemoplanError, match="size must be >= 0"):
+        block("a", -1, 0, 1)
+    with pytest.raises(MemoplanError, match="need 0 <= start <= end"):
+        block("a", 1, 3, 2)
