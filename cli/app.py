@@ -52,6 +52,7 @@ def profile(
     seq: Annotated[str, typer.Option(help="Largest profiled length; seq/4, seq/2, 3seq/4 are traced too.")] = "512",
     layer: Annotated[Optional[str], typer.Option(help="Class name of the repeated layer (overrides detection).")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="Cast the model first: float32, bfloat16 or float16.")] = None,
+    autocast: Annotated[Optional[str], typer.Option(help="Trace under torch.autocast to this dtype (as training runs).")] = None,
     hw: Annotated[str, typer.Option(help="Hardware preset for the time estimate on a CPU.")] = "h200",
     device: Annotated[str, typer.Option(help="cpu, or cuda to measure times with CUDA events.")] = "cpu",
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the profile JSON.")] = Path("profile.json"),
@@ -65,7 +66,7 @@ def profile(
 
     with _user_errors():
         cfg = ProfileConfig(model_file=model_file, seq=parse_seq(seq), layer=layer, dtype=dtype,
-                            hardware=hw, device=device)
+                            autocast=autocast, hardware=hw, device=device)
         with _progress(quiet) as progress:
             result = profile_model(cfg, progress=progress)
         write_json_atomic(output, result.to_json())
@@ -115,6 +116,9 @@ def solve(
     if not quiet:
         console.print(plan_summary(plan))
         console.print(f"wrote [bold]{output}[/]")
+
+
+from memoplan.cli import views  # noqa: E402  (registers plot, show, sweep on ``app``)
 
 
 def main() -> None:

@@ -112,6 +112,22 @@ class Segment:
 
 
 @dataclass(frozen=True, kw_only=True)
+class GraphNode:
+    """One node of the layer's forward graph: its op, class and token axes.
+
+    ``cls``: ``token`` (token-wise), ``mixing``, ``free`` (touches no token axis), or
+    ``placeholder`` (an input: parameter, buffer, layer argument, grad output). ``axes``:
+    for each tensor output, the axes that grow with the sequence length. The runtime checks its
+    own trace of the layer against these before it executes a plan.
+    """
+
+    name: str
+    target: str
+    cls: str
+    axes: tuple[tuple[int, ...], ...]
+
+
+@dataclass(frozen=True, kw_only=True)
 class FlopSplit:
     """FLOPs of one phase at the profiled length, split by token-wise vs token-mixing ops."""
 
@@ -156,6 +172,7 @@ class LayerProfile:
     time_forward_s: float
     time_backward_s: float
     graph_nodes: int
+    nodes: tuple[GraphNode, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -229,6 +246,8 @@ def _profile_to_json(p: Profile) -> dict:
             "flops": {"forward": split(L.flops_forward), "backward": split(L.flops_backward)},
             "time": {"forward_s": L.time_forward_s, "backward_s": L.time_backward_s},
             "graph_nodes": L.graph_nodes,
+            "nodes": [{"name": n.name, "target": n.target, "class": n.cls,
+                       "axes": [list(a) for a in n.axes]} for n in L.nodes],
         },
     }
 
@@ -262,6 +281,8 @@ def _profile_from_json(d: dict) -> Profile:
         time_forward_s=float(ld["time"]["forward_s"]),
         time_backward_s=float(ld["time"]["backward_s"]),
         graph_nodes=int(ld["graph_nodes"]),
+        nodes=tuple(GraphNode(name=n["name"], target=n["target"], cls=n["class"],
+                              axes=tuple(tuple(a) for a in n["axes"])) for n in ld.get("nodes", ())),
     )
     return Profile(
         schema=d["schema"],
@@ -352,6 +373,7 @@ class Plan:
     levels: dict[str, LevelPlan]
     predicted: Prediction
     solver: dict
+    layer: dict          # what the runtime needs of the profile: saved tensors and graph nodes
     notes: tuple[str, ...] = ()
     schema: str = PLAN_SCHEMA
 
@@ -374,6 +396,7 @@ class Plan:
             "levels": {k: level(v) for k, v in self.levels.items()},
             "predicted": asdict(self.predicted),
             "solver": self.solver,
+            "layer": self.layer,
             "notes": list(self.notes),
         }
 
@@ -391,6 +414,7 @@ class Plan:
                        arena_bytes=int(d["arena_bytes"]), lower_bound_bytes=int(d["lower_bound_bytes"]),
                        state_bytes=int(d["state_bytes"]), levels=levels,
                        predicted=Prediction(**d["predicted"]), solver=d["solver"],
+                       layer=d["layer"],
                        notes=tuple(d.get("notes", ())))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise MemoplanError(

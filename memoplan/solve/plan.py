@@ -69,4 +69,13 @@ def solve_plan(profile: Profile, cfg: SolveConfig, *,
                 "fallback_used": any(s == "greedy-fallback" for s in statuses.values()),
                 "alpha_forced": decision.forced, "alpha_pcie": decision.alpha_pcie,
                 "alpha_host": decision.alpha_host, "host_fallback": decision.fallback},
-        notes=tuple(notes))
+        layer=runtime_layer(profile), notes=tuple(notes))
+
+
+def runtime_layer(profile: Profile) -> dict:
+    """The part of the profile that the runtime reads: how each saved tensor is handled and the
+    forward graph it checks its own trace against."""
+    full = profile.to_json()["layer"]
+    return {"saved": [{k: t[k] for k in ("name", "kind", "token_wise", "seq_axis")}
+                      for t in full["saved"]],
+            "nodes": full["nodes"]}

@@ -5,7 +5,8 @@ changes with the length is a token axis. Whether an op is token-wise is tested o
 inputs (a probe): perturb token t of every input that has one token axis, run the op again,
 and check that only token t of its output changed (t = first, middle and last token, so causal
 and anti-causal mixing both show). Ops on values with two token axes (attention scores), ops that
-reduce the token axis away, and ops whose probe fails are token-mixing. ``getitem`` of a
+reduce the token axis away, ops that make a token axis from no token input (``arange(S)``:
+their values depend on where the tokens are) and ops whose probe fails are token-mixing. ``getitem`` of a
 multi-output op shares its op's class.
 """
 
@@ -96,7 +97,9 @@ def classify_forward(trace: LayerTrace, axes: dict[str, list[tuple[int, ...]]]
         has_out = any(len(a) >= 1 for a in out_axes)
         if not has_in and not has_out:
             classes[n.name] = "free"
-        elif any(len(a) >= 2 for a in in_axes + out_axes) or (has_in and not has_out):
+        elif any(len(a) >= 2 for a in in_axes + out_axes) or (has_in != has_out):
+            # two token axes (scores), a reduction over tokens, or a value that grows with the
+            # length out of nothing (arange(S) positions): never recomputed for a token subset
             classes[n.name] = "mixing"
         else:
             classes[n.name] = "token" if _probe_token_wise(n, trace, axes) else "mixing"

@@ -18,7 +18,7 @@ from torch.utils import _pytree as pytree
 
 from memoplan.errors import MemoplanError
 from memoplan.hardware import get_hardware
-from memoplan.ir import (FlopSplit, LayerProfile, ModelInfo, Profile, SavedTensor, Segment,
+from memoplan.ir import (FlopSplit, GraphNode, LayerProfile, ModelInfo, Profile, SavedTensor, Segment,
                          TensorSpan)
 from memoplan.signature import layer_signature
 from memoplan.trace.classify import (check_aligned, classify_forward, saved_storages, seq_axes,
@@ -43,14 +43,16 @@ class ProfileConfig:
     dtype: str | None = None  # cast the model to this dtype first ("float32", "bfloat16", ...)
     hardware: str = "h200"    # preset for the time estimate on a CPU
     device: str = "cpu"       # "cuda" measures times with CUDA events
+    autocast: str | None = None  # trace under torch.autocast to this dtype, as training runs
 
     def __post_init__(self) -> None:
         if self.seq < MIN_SEQ or self.seq % 4:
             raise MemoplanError(f"--seq {self.seq} is too small to fit size laws: memoplan traces "
                                 f"the layer at seq/4, seq/2, 3*seq/4 and seq, so --seq must be a "
                                 f"multiple of 4 and at least {MIN_SEQ} (the default is 512).")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise MemoplanError(f"--dtype {self.dtype!r} is not one of {', '.join(DTYPES)}.")
+        for opt, value in (("--dtype", self.dtype), ("--autocast", self.autocast)):
+            if value is not None and value not in DTYPES:
+                raise MemoplanError(f"{opt} {value!r} is not one of {', '.join(DTYPES)}.")
         if self.device not in ("cpu", "cuda"):
             raise MemoplanError(f"--device must be 'cpu' or 'cuda', not {self.device!r}.")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -74,12 +76,16 @@ def profile_model(cfg: ProfileConfig, *, progress: Callable[[str], None] = lambd
     found = find_repeated_layer(model, cfg.layer or mf.layer)
     layer = found.first
     traces: list[LayerTrace] = []
-    for seq_len in cfg.seq_lens:
-        progress(f"tracing {found.class_name} at {seq_len} tokens")
-        call = capture_layer_call(mf, model, layer, seq_len)
-        traces.append(trace_layer(layer, *call, seq_len=seq_len, layer_name=found.class_name))
+    cast = (torch.autocast(device_type=cfg.device, dtype=DTYPES[cfg.autocast]) if cfg.autocast
+            else contextlib.nullcontext())
+    with cast:
+        for seq_len in cfg.seq_lens:
+            progress(f"tracing {found.class_name} at {seq_len} tokens")
+            call = capture_layer_call(mf, model, layer, seq_len)
+            traces.append(trace_layer(layer, *call, seq_len=seq_len, layer_name=found.class_name))
     check_aligned(traces)
     progress("classifying tensors")
+    forward_set = set(traces[0].forward_nodes)
     axes = seq_axes(traces)
     classes = classify_forward(traces[0], axes)
     segments, member = token_segments(traces[0], classes)
@@ -141,7 +147,11 @@ def profile_model(cfg: ProfileConfig, *, progress: Callable[[str], None] = lambd
                        for s in segments),
         mixing_ops=mixing_ops, flops_forward=flops_fwd, flops_backward=flops_bwd,
         time_forward_s=time_fwd, time_backward_s=time_bwd,
-        graph_nodes=len(main.forward_nodes) + len(main.backward_nodes))
+        graph_nodes=len(main.forward_nodes) + len(main.backward_nodes),
+        nodes=tuple(GraphNode(name=n.name, target=str(n.target),
+                              cls=classes.get(n.name, "placeholder"), axes=tuple(axes[n.name]))
+                    for n in traces[0].gm.graph.nodes
+                    if n.op == "placeholder" or n in forward_set))
     return Profile(model=model_info, layer=layer_profile, seq_len=cfg.seq, seq_lens=lens,
                    time_source=source, hardware=hw.name, device=cfg.device, notes=tuple(notes),
                    hash=layer_signature(layer))

@@ -1,13 +1,14 @@
 """Recompute a token-wise segment for a subset of tokens (the exactness behind token-wise swap).
 
-Inputs that carry one token axis are sliced to the chosen tokens; integer arguments equal to the
-full length (the sizes in view/expand/reshape calls) become the subset's length. Because every
+Inputs that carry one token axis are sliced to the chosen tokens; size arguments of
+view/expand/reshape calls get the subset's length at the token axis. Because every
 op of a token-wise segment acts on each token alone, the result equals the same tokens of the
 full computation; tests check that on random subsets.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,14 +27,17 @@ def select_tokens(v: torch.Tensor, axis: int, tokens: torch.Tensor) -> torch.Ten
     return picked.permute(inverse)
 
 
-def recompute_segment(trace: LayerTrace, nodes: list[str], axes: dict[str, list[tuple[int, ...]]],
-                      tokens: torch.Tensor) -> dict[str, Any]:
-    """Values of ``nodes`` (a token-wise segment, in graph order) for ``tokens`` only.
+def run_on_tokens(nodes: list[fx.Node], lookup: Callable[[str], Any],
+                  axes: dict[str, list[tuple[int, ...]]], tokens: torch.Tensor, seq: int,
+                  cast: Callable[[Any], Any] = lambda a: a) -> dict[str, Any]:
+    """Run ``nodes`` (token-wise ops, in graph order) for ``tokens`` only.
 
-    Values from outside the segment come from the trace's real (shadow) run.
+    Values from outside come from ``lookup(name)``; those with one token axis are sliced to the
+    tokens. A size list argument whose entry at the node's output token axis equals ``seq``
+    (view/reshape/expand sizes) gets the subset's length there; no other integer is touched, so
+    a hidden size that happens to equal the length stays as it is. ``cast`` maps the other
+    constant arguments (the profile's float32 shadow run upcasts dtypes).
     """
-    by_name = {n.name: n for n in trace.gm.graph.nodes}
-    seq = trace.seq_len
     k = int(tokens.numel())
     local: dict[str, Any] = {}
 
@@ -41,19 +45,36 @@ def recompute_segment(trace: LayerTrace, nodes: list[str], axes: dict[str, list[
         if isinstance(a, fx.Node):
             if a.name in local:
                 return local[a.name]
-            v = trace.real[a.name]
+            v = lookup(a.name)
             ax = axes.get(a.name, [])
             if isinstance(v, torch.Tensor) and len(ax) == 1 and len(ax[0]) == 1:
                 return select_tokens(v, ax[0][0], tokens)
             return v
-        if isinstance(a, int) and not isinstance(a, bool) and a == seq:
-            return k
-        return upcast(a)
+        return cast(a)
 
     with torch.no_grad():
-        for name in nodes:
-            n = by_name[name]
+        for n in nodes:
             args, kwargs = pytree.tree_map(value, (n.args, n.kwargs),
                                            is_leaf=lambda x: isinstance(x, fx.Node))
-            local[name] = n.target(*args, **kwargs)
+            out_axes = axes.get(n.name, [])
+            if len(out_axes) == 1 and len(out_axes[0]) == 1:
+                args = tuple(_resize(a, out_axes[0][0], seq, k) for a in args)
+            local[n.name] = n.target(*args, **kwargs)
     return local
+
+
+def _resize(arg: Any, axis: int, seq: int, k: int) -> Any:
+    """A size list with ``seq`` at the token axis gets ``k`` there."""
+    if isinstance(arg, (list, tuple)) and len(arg) > axis and all(
+            isinstance(x, int) and not isinstance(x, bool) for x in arg) and arg[axis] == seq:
+        return type(arg)(k if i == axis else x for i, x in enumerate(arg))
+    return arg
+
+
+def recompute_segment(trace: LayerTrace, nodes: list[str], axes: dict[str, list[tuple[int, ...]]],
+                      tokens: torch.Tensor) -> dict[str, Any]:
+    """Values of ``nodes`` (a token-wise segment) for ``tokens`` only, on the trace's real
+    (float32 shadow) values."""
+    by_name = {n.name: n for n in trace.gm.graph.nodes}
+    return run_on_tokens([by_name[n] for n in nodes], lambda name: trace.real[name], axes, tokens,
+                         trace.seq_len, cast=upcast)

@@ -1,0 +1,229 @@
+"""``memoplan plot``, ``memoplan show`` and ``memoplan sweep`` (registered on the main app)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich import box
+from rich.table import Table
+
+from memoplan.cli.app import _progress, _user_errors, app, console
+from memoplan.ir import PLAN_SCHEMA, PROFILE_SCHEMA, Plan, Profile
+
+QUIET = typer.Option("--quiet", "-q", help="Print nothing but errors.")
+AS_JSON = typer.Option("--json", help="Print a JSON summary instead of tables (for scripts).")
+
+
+def _read_plan(path: Path) -> Plan:
+    """A plan file, with read_json's messages for missing, corrupt or foreign files."""
+    from memoplan.jsonio import read_json
+
+    return Plan.from_json(read_json(path, schema_prefix=PLAN_SCHEMA, what="plan"))
+
+
+def _read_profile(path: Path, what: str = "profile") -> Profile:
+    """A profile file, with read_json's messages for missing, corrupt or foreign files."""
+    from memoplan.jsonio import read_json
+
+    return Profile.from_json(read_json(path, schema_prefix=PROFILE_SCHEMA, what=what))
+
+
+def _schema_of(path: Path) -> str | None:
+    """The ``schema`` field of a JSON file, or None when it has none or cannot be read (the
+    reader that follows then says what is wrong with it)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    schema = data.get("schema") if isinstance(data, dict) else None
+    return schema if isinstance(schema, str) else None
+
+
+def _echo_json(data: Any) -> None:
+    """One line of JSON on stdout."""
+    typer.echo(json.dumps(data))
+
+
+# ---- plot ------------------------------------------------------------------------------------
+
+@app.command()
+def plot(
+    plan_file: Annotated[Path, typer.Argument(help="plan.json written by 'memoplan solve'.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for the PNGs.")] = Path("plots"),
+    snapshot: Annotated[Optional[Path], typer.Option(
+        help="A torch.cuda.memory._dump_snapshot() pickle to draw beside the plan.")] = None,
+    quiet: Annotated[bool, QUIET] = False,
+) -> None:
+    """Draw PLAN_FILE as PNGs: address plans, the caching allocator beside them, the timeline."""
+    from memoplan.plot import load_snapshot, plan_figures, write_pngs
+
+    with _user_errors():
+        plan = _read_plan(plan_file)
+        snap = load_snapshot(snapshot) if snapshot is not None else None
+        with _progress(quiet) as progress:
+            progress("drawing the plan")
+            figures = plan_figures(plan, snap)
+            progress(f"writing {len(figures)} PNGs")
+            paths = write_pngs(figures, output)
+    if not quiet:
+        for path in paths:
+            console.print(str(path), highlight=False, soft_wrap=True)
+
+
+# ---- show ------------------------------------------------------------------------------------
+
+def profile_facts(p: Profile) -> dict[str, Any]:
+    """The figures of a profile that scripts want, as plain JSON data."""
+    saved: Counter[str] = Counter()
+    for t in p.layer.saved:
+        saved[f"{t.kind}_token_wise" if t.token_wise else t.kind] += t.bytes_per_token
+    L = p.layer
+    return {
+        "kind": "profile", "schema": p.schema, "hash": p.hash,
+        "layer_class": p.model.layer_class, "layer_path": p.model.layer_path,
+        "num_layers": p.model.num_layers, "dtype": p.model.dtype,
+        "param_bytes_total": p.model.param_bytes_total, "seq_len": p.seq_len,
+        "seq_lens": list(p.seq_lens), "saved_bytes_per_token": dict(saved),
+        "saved_bytes_per_token_per_layer": sum(t.bytes_per_token for t in L.saved
+                                               if t.kind != "shared"),
+        "peak_bytes": {"forward": L.peak_forward, "backward": L.peak_backward},
+        "requests": {"forward": len(L.requests_forward), "backward": len(L.requests_backward)},
+        "segments": len(L.segments), "mixing_ops": list(L.mixing_ops),
+        "flops": {"forward": L.flops_forward.total, "backward": L.flops_backward.total},
+        "time_s": {"forward": L.time_forward_s, "backward": L.time_backward_s},
+        "time_source": p.time_source, "hardware": p.hardware, "notes": list(p.notes),
+    }
+
+
+def plan_facts(plan: Plan) -> dict[str, Any]:
+    """The figures of a plan that scripts want, as plain JSON data."""
+    c, p = plan.config, plan.predicted
+    offloaded = [d.alpha for d in plan.layers if d.mode == "offload"]
+    return {
+        "kind": "plan", "schema": plan.schema, "layer_class": plan.layer_class,
+        "seq": c["seq"], "gpus": c["gpus"], "tp": c["tp"], "cp": c["cp"],
+        "tokens_per_gpu": c["tokens_per_gpu"], "hardware": c["hardware"]["name"],
+        "modes": dict(Counter(d.mode for d in plan.layers)),
+        "alpha": max(offloaded) if offloaded else None,
+        "host_bytes_per_gpu": sum(d.host_bytes for d in plan.layers),
+        "arena_bytes": plan.arena_bytes, "lower_bound_bytes": plan.lower_bound_bytes,
+        "state_bytes": plan.state_bytes,
+        "levels": {name: {"tensors": len(lp.offsets), "peak": lp.peak,
+                          "lower_bound": lp.lower_bound, "ratio": lp.ratio,
+                          "greedy_peak": lp.greedy_peak,
+                          "caching_reserved_peak": lp.caching_reserved_peak,
+                          "status": lp.status, "gap": lp.gap}
+                   for name, lp in plan.levels.items()},
+        "predicted": {"iteration_s": p.iteration_s, "mfu": p.mfu, "gpu_bytes": p.gpu_bytes,
+                      "stall_s": p.stall_s, "recompute_s": p.recompute_s},
+        "notes": list(plan.notes),
+    }
+
+
+@app.command()
+def show(
+    file: Annotated[Path, typer.Argument(help="A profile.json or plan.json written by memoplan.")],
+    as_json: Annotated[bool, AS_JSON] = False,
+) -> None:
+    """Print the summary of a profile or a plan (told apart by its 'schema' field)."""
+    from memoplan.report import plan_summary, profile_summary
+
+    with _user_errors():
+        schema = _schema_of(file) or ""
+        if schema.startswith(PLAN_SCHEMA.split("/")[0] + "/"):
+            plan = _read_plan(file)
+            facts, summary = plan_facts(plan), plan_summary(plan)
+        else:  # a profile, or a file that is neither: read_json then says what is wrong
+            known = schema.startswith(PROFILE_SCHEMA.split("/")[0] + "/")
+            prof = _read_profile(file, what="profile" if known else "profile or plan")
+            facts, summary = profile_facts(prof), profile_summary(prof)
+    if as_json:
+        _echo_json(facts)
+    else:
+        console.print(summary)
+
+
+# ---- sweep -----------------------------------------------------------------------------------
+
+def _sweep_table(rows: list) -> Table:
+    """The sweep's rows as a rich table (memory in GiB per GPU, fits 80 columns)."""
+    from memoplan.units import fmt_tokens
+
+    table = Table(title="sweep: memory in GiB per GPU; predicted MFU of the plan, of keeping "
+                        "all activations (keep) and of full recomputation (recomp)",
+                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("seq", "tokens\n/GPU", "alpha", "host\nGiB", "arena\nGiB", "GPU\nGiB",
+                "MFU\nplan", "MFU\nkeep", "MFU\nrecomp", "fits"):
+        table.add_column(col, justify="left" if col == "fits" else "right")
+    gib = lambda n: f"{n / 2**30:,.2f}"  # noqa: E731
+    for r in rows:
+        head = (fmt_tokens(r.seq), fmt_tokens(r.tokens_per_gpu))
+        if not r.fits:
+            table.add_row(*head, *["-"] * 7, "[red]no[/]")
+            continue
+        table.add_row(*head, "-" if r.alpha is None else f"{r.alpha:.3f}", gib(r.host_bytes),
+                      gib(r.arena_bytes), gib(r.gpu_total_bytes),
+                      *(f"{r.mfu[k]:.3f}" for k in ("plan", "keep_all", "full_recompute")),
+                      "[green]yes[/]")
+    return table
+
+
+@app.command()
+def sweep(
+    profile_file: Annotated[Path, typer.Argument(help="profile.json written by 'memoplan profile'.")],
+    seq: Annotated[str, typer.Option(help="Lengths: 32K..1M (doubling) or a list 32K,64K.")] = "32K..1M",
+    gpus: Annotated[int, typer.Option(help="GPUs in all.")] = 1,
+    gpus_per_node: Annotated[int, typer.Option(help="GPUs sharing a node's host memory and PCIe.")] = 8,
+    tp: Annotated[Optional[int], typer.Option(help="Tensor(+sequence)-parallel degree (default: all GPUs / cp).")] = None,
+    cp: Annotated[int, typer.Option(help="Context-parallel degree.")] = 1,
+    hw: Annotated[str, typer.Option(help="Hardware preset: h200, h100, a800, a100.")] = "h200",
+    pcie_gbps: Annotated[Optional[float], typer.Option(help="Pinned D2H GB/s of one GPU.")] = None,
+    host_mem_gb: Annotated[Optional[float], typer.Option(help="Host memory per node (GiB) for activations.")] = None,
+    gpu_mem_gb: Annotated[Optional[float], typer.Option(help="GPU memory (GiB).")] = None,
+    peak_tflops: Annotated[Optional[float], typer.Option(help="Dense bf16 TFLOP/s of one GPU.")] = None,
+    time_limit: Annotated[float, typer.Option(help="Seconds for each MIP of each length.")] = 5.0,
+    keep_last: Annotated[int, typer.Option(help="Last layers kept on the GPU (not offloaded).")] = 1,
+    state_bytes_per_param: Annotated[float, typer.Option(help="Bytes of weights+grads+optimizer per parameter.")] = 16.0,
+    output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Folder for sweep.png.")] = None,
+    as_json: Annotated[bool, AS_JSON] = False,
+    quiet: Annotated[bool, QUIET] = False,
+) -> None:
+    """Solve PROFILE_FILE at each --seq length and report which lengths fit, at what MFU."""
+    from memoplan.hardware import get_hardware
+    from memoplan.sweep import longest_fit, parse_seq_list, run_sweep
+    from memoplan.units import fmt_tokens
+
+    with _user_errors():
+        prof = _read_profile(profile_file)
+        lengths = parse_seq_list(seq)
+        hardware = get_hardware(hw, pcie_gbps=pcie_gbps, host_mem_gb=host_mem_gb,
+                                gpu_mem_gb=gpu_mem_gb, peak_tflops=peak_tflops)
+        settings = dict(gpus=gpus, gpus_per_node=gpus_per_node, tp=tp, cp=cp, hardware=hardware,
+                        time_limit=time_limit, keep_last=keep_last,
+                        state_bytes_per_param=state_bytes_per_param)
+        with _progress(quiet or as_json) as progress:
+            rows = run_sweep(prof, lengths, settings, progress=progress)
+        picture = None
+        if output is not None:
+            from memoplan.plot import sweep_figure, write_pngs
+
+            figure = sweep_figure(rows, gpu_mem_bytes=hardware.gpu_mem_gb * 2**30)
+            picture = write_pngs({"sweep": figure}, output)[0]
+    best = longest_fit(rows)
+    if as_json:
+        _echo_json({"rows": [r.to_json() for r in rows], "longest_fit": best})
+        return
+    if quiet:
+        return
+    console.print(_sweep_table(rows))
+    misses = [r for r in rows if not r.fits]
+    if misses:
+        console.print(f"[dim]{fmt_tokens(misses[0].seq)}: {misses[0].reason}[/]", highlight=False)
+    console.print("longest sequence that fits: "
+                  + (f"[bold]{fmt_tokens(best)}[/] ({best:,} tokens)" if best else "[red]none[/]"))
+    if picture is not None:
+        console.print(str(picture), highlight=False, soft_wrap=True)

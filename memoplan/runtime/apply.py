@@ -1,0 +1,143 @@
+"""``apply(model, plan)``: run the model's repeated layers under a plan.
+
+The user's training loop stays as it is::
+
+    plan = memoplan.load_plan("plan.json")
+    model = memoplan.runtime.apply(model, plan)
+    loss = loss_fn(model(batch)); loss.backward(); optimizer.step()
+
+Each instance of the plan's layer class gets a forward that, while autograd records, runs the
+layer through :mod:`memoplan.runtime.execute` with its planned mode and swap fraction. Without
+grad (``torch.no_grad()``, evaluation) the original forward runs untouched. The plan's token
+split is re-derived for the length each call actually sees: alpha of its tokens are copied, so
+any sequence length runs, also one that the GPUs do not split evenly.
+"""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils import _pytree as pytree
+
+from memoplan.errors import MemoplanError
+from memoplan.ir import PLAN_SCHEMA, Plan
+from memoplan.jsonio import read_json
+from memoplan.runtime.execute import LayerState, backward_layer, forward_layer
+from memoplan.runtime.program import LayerProgram, build_program
+from memoplan.runtime.streams import Copier
+from memoplan.signature import layer_signature
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read a plan written by ``memoplan solve`` (clear errors for missing or corrupt files)."""
+    return Plan.from_json(read_json(path, schema_prefix=PLAN_SCHEMA, what="plan"))
+
+
+class _Runner:
+    """Shared by the wrapped layers of one model: the plan, programs and the host copier."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.copier = Copier()
+        self.programs: dict[tuple, LayerProgram] = {}
+        self.calls = 0
+        self.tracing = False  # while True, wrapped layers run their original forward
+        self.poison = False   # debug: NaN-fill every dropped or copied-out device tensor
+        self.recomputed_tokens = 0
+        self.host_bytes = 0
+
+
+def apply(model: torch.nn.Module, plan: Plan, *, debug_poison: bool = False) -> torch.nn.Module:
+    """Wrap every instance of ``plan.layer_class`` in ``model`` (in place; returns ``model``).
+
+    ``debug_poison`` overwrites every tensor the plan drops or copies out with NaN right after
+    each layer's forward: a schedule that reads one before it is rebuilt shows as NaN gradients.
+    """
+    layers = [m for m in model.modules() if type(m).__name__ == plan.layer_class]
+    if not layers:
+        raise MemoplanError(f"The model has no layer of class '{plan.layer_class}', the class "
+                            f"this plan was solved for.")
+    if len(layers) != len(plan.layers):
+        raise MemoplanError(f"The plan is for {len(plan.layers)} layers of '{plan.layer_class}', "
+                            f"the model has {len(layers)}. Solve a plan for this model.")
+    found = layer_signature(layers[0])
+    if found != plan.profile_hash:
+        raise MemoplanError(
+            f"This plan was solved for another layer (profile hash {plan.profile_hash}, this "
+            f"model's '{plan.layer_class}' hashes to {found}: its parameters' names, shapes or "
+            f"dtypes differ). Profile this model and solve a new plan.")
+    runner = _Runner(plan)
+    runner.poison = debug_poison
+    for index, layer in enumerate(layers):
+        _wrap(layer, index, runner)
+    model._memoplan_runner = runner  # noqa: SLF001  (lets tests and benchmarks read counters)
+    return model
+
+
+def _wrap(layer: torch.nn.Module, index: int, runner: _Runner) -> None:
+    original = layer.forward
+    decision = runner.plan.layers[index]
+
+    def forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if not torch.is_grad_enabled() or runner.tracing:
+            return original(*args, **kwargs)
+        prog = _program(runner, self, args, kwargs)
+        leaves = pytree.tree_leaves((args, kwargs))
+        inputs = [x for x in leaves if isinstance(x, torch.Tensor)]
+        states = [p for _, p in self.named_parameters()] + [b for _, b in self.named_buffers()]
+        outs = _LayerFunction.apply(prog, decision.mode, decision.alpha, runner, f"{index}",
+                                    len(inputs), *inputs, *states)
+        runner.calls += 1
+        it = iter(outs if isinstance(outs, tuple) else (outs,))
+        filled = [next(it) if x is None else x for x in prog.out_template]
+        return pytree.tree_unflatten(filled, prog.out_spec)
+
+    layer.forward = types.MethodType(forward, layer)
+
+
+def _program(runner: _Runner, layer: torch.nn.Module, args: tuple, kwargs: dict) -> LayerProgram:
+    leaves = pytree.tree_leaves((args, kwargs))
+    key = tuple((tuple(x.shape), x.dtype, x.device.type, x.requires_grad)
+                if isinstance(x, torch.Tensor) else repr(x) for x in leaves)
+    key += (torch.is_autocast_enabled(), str(torch.get_autocast_dtype("cpu")))
+    if key not in runner.programs:
+        runner.tracing = True
+        try:
+            runner.programs[key] = build_program(layer, args, kwargs, runner.plan.layer,
+                                                 runner.plan.layer_class)
+        finally:
+            runner.tracing = False
+    return runner.programs[key]
+
+
+class _LayerFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, prog: LayerProgram, mode: str, alpha: float, runner: _Runner, key: str,
+                n_inputs: int, *tensors: torch.Tensor) -> Any:
+        inputs, states = list(tensors[:n_inputs]), list(tensors[n_inputs:])
+        outputs, state = forward_layer(prog, mode, alpha, runner.copier, key, states,
+                                       [t.detach() for t in inputs], poison=runner.poison)
+        runner.host_bytes = max(runner.host_bytes, 0) + sum(
+            t.numel() * t.element_size() for t in state.host.values())
+        ctx.prog, ctx.mode, ctx.runner, ctx.state = prog, mode, runner, state
+        ctx.n_inputs = n_inputs
+        ctx.states = states
+        ctx.input_meta = [(t.requires_grad,) for t in inputs]
+        return tuple(outputs) if len(outputs) != 1 else outputs[0]
+
+    @staticmethod
+    def backward(ctx: Any, *grad_outputs: torch.Tensor) -> Any:
+        prog: LayerProgram = ctx.prog
+        state: LayerState = ctx.state
+        grads = backward_layer(prog, ctx.mode, state, ctx.runner.copier, ctx.states, [],
+                               [g.contiguous() for g in grad_outputs])
+        ctx.runner.recomputed_tokens += state.recomputed_tokens
+        ctx.state = None  # drop the host copies' references as soon as possible
+        n_in = ctx.n_inputs
+        it = iter(grads)
+        input_grads = [next(it) if i in prog.grad_input_pos else None for i in range(n_in)]
+        state_grads = [next(it) if t.requires_grad else None for t in ctx.states]
+        return (None, None, None, None, None, None, *input_grads, *state_grads)

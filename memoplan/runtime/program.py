@@ -1,0 +1,180 @@
+"""A layer's program: its traced forward/backward graph and what happens to each saved tensor.
+
+Built once per input signature (shapes, dtypes, devices, autocast state) when a wrapped layer is
+first called. The layer is traced again here, on the device it runs on, and its forward graph
+must match the profiled one op for op (``plan.layer["nodes"]``): the token axes and token-wise
+classes of the profile then apply, and a layer that changed, or a device whose kernels differ
+from the profiled ones, is refused with a message instead of executed wrongly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from memoplan.errors import MemoplanError
+from memoplan.trace.graph import LayerTrace, trace_layer
+
+
+@dataclass(frozen=True, kw_only=True)
+class Handling:
+    """How one saved storage (named by the fx node that creates it) is treated.
+
+    ``how``: ``whole`` (copied to host whole), ``split`` (alpha of its tokens copied, the rest
+    recomputed; ``axis`` is its token axis), ``state`` (a parameter or buffer: nothing to do),
+    ``shared`` (a shared layer argument: kept by reference).
+    """
+
+    creator: str
+    how: str
+    axis: int | None = None
+
+
+@dataclass(kw_only=True)
+class LayerProgram:
+    trace: LayerTrace
+    placeholders: list[fx.Node]
+    roles: dict[str, str]
+    read_by_backward: list[str]            # forward/placeholder names that backward reads
+    creator_of: dict[str, str]             # name -> name of the node that made its storage
+    handling: dict[str, Handling]          # creator name -> handling
+    classes: dict[str, str]
+    axes: dict[str, list[tuple[int, ...]]]
+    num_outputs: int
+    out_spec: Any                          # pytree spec of the layer's own return value
+    out_template: list[Any]                # its leaves; None where the program fills a tensor
+    grad_input_pos: list[int]              # indices (into the flat tensor inputs) needing grad
+    node: dict[str, fx.Node] = field(default_factory=dict)
+    recompute_order: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def forward_nodes(self) -> list[fx.Node]:
+        return self.trace.forward_nodes
+
+    @property
+    def backward_nodes(self) -> list[fx.Node]:
+        return self.trace.backward_nodes
+
+
+def build_program(layer: torch.nn.Module, args: tuple, kwargs: dict, plan_layer: dict,
+                  layer_name: str) -> LayerProgram:
+    """Trace ``layer`` on these arguments and match it against the plan's profiled graph."""
+    tr = trace_layer(layer, args, kwargs, seq_len=-1, layer_name=layer_name)
+    _check_same_graph(tr, plan_layer, layer_name)
+    nodes = {n["name"]: n for n in plan_layer["nodes"]}
+    classes = {name: n["class"] for name, n in nodes.items()}
+    axes = {name: [tuple(a) for a in n["axes"]] for name, n in nodes.items()}
+    placeholders = [n for n in tr.gm.graph.nodes if n.op == "placeholder"]
+    fwd = {n.name for n in tr.forward_nodes} | {p.name for p in placeholders}
+    read = []
+    for b in tr.backward_nodes:
+        for a in pytree.tree_leaves((b.args, b.kwargs)):
+            if isinstance(a, fx.Node) and a.name in fwd and tr.roles.get(a.name) != "grad_out" \
+                    and a.name not in read:
+                read.append(a.name)
+    creator_of = _creators(tr, placeholders)
+    saved = {t["name"]: t for t in plan_layer["saved"]}
+    handling: dict[str, Handling] = {}
+    for name in read:
+        c = creator_of.get(name, name)
+        role = tr.roles.get(c)
+        if role in ("param", "buffer"):
+            handling[c] = Handling(creator=c, how="state")
+        elif role == "shared":
+            handling[c] = Handling(creator=c, how="shared")
+        elif c in saved and saved[c]["kind"] == "other" and saved[c]["token_wise"] \
+                and saved[c]["seq_axis"] is not None:
+            handling[c] = Handling(creator=c, how="split", axis=int(saved[c]["seq_axis"]))
+        else:
+            handling[c] = Handling(creator=c, how="whole")
+    primary = next(p.name for p in placeholders if tr.roles[p.name] == "primary")
+    handling.setdefault(primary, Handling(creator=primary, how="whole"))
+    out_leaves, out_spec = pytree.tree_flatten(_layer_output(layer, args, kwargs))
+    template = [None if isinstance(x, torch.Tensor) and x.requires_grad else x for x in out_leaves]
+    if sum(x is None for x in template) != tr.num_outputs:
+        raise MemoplanError(f"Layer '{layer_name}' returns tensors memoplan cannot map to its "
+                            f"traced outputs.")
+    tensor_inputs = [p for p in placeholders if tr.roles[p.name] in ("primary", "shared")]
+    grad_pos = [i for i, p in enumerate(tensor_inputs) if _requires_grad(tr, p.name)]
+    prog = LayerProgram(trace=tr, placeholders=placeholders, roles=tr.roles, read_by_backward=read,
+                        creator_of=creator_of, handling=handling, classes=classes, axes=axes,
+                        num_outputs=tr.num_outputs, out_spec=out_spec, out_template=template,
+                        grad_input_pos=grad_pos,
+                        node={n.name: n for n in tr.gm.graph.nodes})
+    for c, h in handling.items():
+        if h.how == "split":
+            prog.recompute_order[c] = _ancestry(prog, c)
+    return prog
+
+
+def _requires_grad(tr: LayerTrace, name: str) -> bool:
+    v = tr.values.get(name)
+    return isinstance(v, torch.Tensor) and v.requires_grad
+
+
+def _layer_output(layer: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+    """The layer's return value on fake copies of its arguments (for its structure only)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.enable_grad():
+        fa, fk = pytree.tree_map_only(
+            torch.Tensor, lambda t: mode.from_tensor(t.detach()).requires_grad_(t.requires_grad),
+            (args, kwargs))
+        hidden = next((t for t in pytree.tree_leaves((fa, fk))
+                       if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() >= 2), None)
+        if hidden is not None and not hidden.requires_grad:
+            hidden.requires_grad_()
+        return layer(*fa, **fk)
+
+
+def _check_same_graph(tr: LayerTrace, plan_layer: dict, layer_name: str) -> None:
+    here = [(n.name, str(n.target)) for n in tr.forward_nodes]
+    there = [(n["name"], n["target"]) for n in plan_layer["nodes"] if n["class"] != "placeholder"]
+    if here == there:
+        return
+    k = next((i for i, (a, b) in enumerate(zip(here, there)) if a != b), min(len(here), len(there)))
+    mine = here[k][1] if k < len(here) else "(end of graph)"
+    theirs = there[k][1] if k < len(there) else "(end of graph)"
+    raise MemoplanError(
+        f"Layer '{layer_name}' traced here differs from the profiled layer at forward op #{k} "
+        f"({mine} here, {theirs} in the profile). The plan was profiled on another device or "
+        f"for another version of the layer: run 'memoplan profile' again on this device "
+        f"(--device cuda on a GPU) and solve a new plan.")
+
+
+def _creators(tr: LayerTrace, placeholders: list[fx.Node]) -> dict[str, str]:
+    """node name -> the first node (placeholder or forward) whose value shares its storage."""
+    first: dict[int, str] = {}
+    out: dict[str, str] = {}
+    for n in placeholders + tr.forward_nodes:
+        st = tr.storage(n.name)
+        if st is None:
+            continue
+        first.setdefault(st[0], n.name)
+        out[n.name] = first[st[0]]
+    return out
+
+
+def _ancestry(prog: LayerProgram, creator: str) -> list[str]:
+    """Forward nodes to re-run (in graph order) to rebuild ``creator`` from kept values."""
+    kept = {c for c, h in prog.handling.items() if h.how != "split"}
+    order = {n.name: i for i, n in enumerate(prog.trace.gm.graph.nodes)}
+    need: set[str] = set()
+    stack = [creator]
+    while stack:
+        name = stack.pop()
+        if name in need:
+            continue
+        n = prog.node[name]
+        if n.op == "placeholder" or (name in kept and name != creator):
+            continue
+        if prog.classes.get(name) not in ("token", "free"):
+            raise MemoplanError(f"Internal: '{creator}' is marked token-wise but depends on "
+                                f"'{name}' ({n.target}), which is not; profile the layer again.")
+        need.add(name)
+        stack += [a.name for a in pytree.tree_leaves((n.args, n.kwargs)) if isinstance(a, fx.Node)]
+    return sorted(need, key=order.__getitem__)
