@@ -17,6 +17,20 @@ from rich.console import Console
 
 from memoplan.errors import MemoplanError
 
+# Options shared by `solve` and `sweep` (cli/views.py).
+GpusOpt = Annotated[int, typer.Option(help="GPUs in all.")]
+GpusPerNodeOpt = Annotated[int, typer.Option(help="GPUs sharing a node's host memory and PCIe.")]
+TpOpt = Annotated[Optional[int], typer.Option(help="Tensor(+sequence)-parallel degree (default: all GPUs / cp).")]
+CpOpt = Annotated[int, typer.Option(help="Context-parallel degree.")]
+HwOpt = Annotated[str, typer.Option(help="Hardware preset: h200, h100, a800, a100.")]
+PcieOpt = Annotated[Optional[float], typer.Option(help="Pinned D2H GB/s of one GPU.")]
+HostMemOpt = Annotated[Optional[float], typer.Option(help="Host memory per node (GiB) for activations.")]
+GpuMemOpt = Annotated[Optional[float], typer.Option(help="GPU memory (GiB).")]
+PeakOpt = Annotated[Optional[float], typer.Option(help="Dense bf16 TFLOP/s of one GPU.")]
+KeepLastOpt = Annotated[int, typer.Option(help="Last layers kept on the GPU (not offloaded).")]
+StateBytesOpt = Annotated[float, typer.Option(help="Bytes of weights+grads+optimizer per parameter.")]
+
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Plan activation memory for long-context transformer training.")
 console = Console()
@@ -57,6 +71,7 @@ def profile(
     device: Annotated[str, typer.Option(help="cpu, or cuda to measure times with CUDA events.")] = "cpu",
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the profile JSON.")] = Path("profile.json"),
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary (for scripts).")] = False,
 ) -> None:
     """Trace MODEL_FILE, find its repeated layer and profile one layer's activations."""
     from memoplan.jsonio import write_json_atomic
@@ -67,10 +82,12 @@ def profile(
     with _user_errors():
         cfg = ProfileConfig(model_file=model_file, seq=parse_seq(seq), layer=layer, dtype=dtype,
                             autocast=autocast, hardware=hw, device=device)
-        with _progress(quiet) as progress:
+        with _progress(quiet or as_json) as progress:
             result = profile_model(cfg, progress=progress)
         write_json_atomic(output, result.to_json())
-    if not quiet:
+    if as_json:
+        views.echo_json({**views.profile_facts(result), "file": str(output)})
+    elif not quiet:
         console.print(profile_summary(result))
         console.print(f"wrote [bold]{output}[/]")
 
@@ -79,21 +96,22 @@ def profile(
 def solve(
     profile_file: Annotated[Path, typer.Argument(help="profile.json written by 'memoplan profile'.")],
     seq: Annotated[str, typer.Option(help="Sequence length: 131072, 128K or 1M.")] = "128K",
-    gpus: Annotated[int, typer.Option(help="GPUs in all.")] = 1,
-    gpus_per_node: Annotated[int, typer.Option(help="GPUs sharing a node's host memory and PCIe.")] = 8,
-    tp: Annotated[Optional[int], typer.Option(help="Tensor(+sequence)-parallel degree (default: all GPUs / cp).")] = None,
-    cp: Annotated[int, typer.Option(help="Context-parallel degree.")] = 1,
-    hw: Annotated[str, typer.Option(help="Hardware preset: h200, h100, a800, a100.")] = "h200",
-    pcie_gbps: Annotated[Optional[float], typer.Option(help="Pinned D2H GB/s of one GPU.")] = None,
-    host_mem_gb: Annotated[Optional[float], typer.Option(help="Host memory per node (GiB) for activations.")] = None,
-    gpu_mem_gb: Annotated[Optional[float], typer.Option(help="GPU memory (GiB).")] = None,
-    peak_tflops: Annotated[Optional[float], typer.Option(help="Dense bf16 TFLOP/s of one GPU.")] = None,
+    gpus: GpusOpt = 1,
+    gpus_per_node: GpusPerNodeOpt = 8,
+    tp: TpOpt = None,
+    cp: CpOpt = 1,
+    hw: HwOpt = "h200",
+    pcie_gbps: PcieOpt = None,
+    host_mem_gb: HostMemOpt = None,
+    gpu_mem_gb: GpuMemOpt = None,
+    peak_tflops: PeakOpt = None,
     time_limit: Annotated[float, typer.Option(help="Seconds for each of the three MIPs.")] = 20.0,
     alpha: Annotated[Optional[float], typer.Option(help="Force this swap fraction on every offloaded layer.")] = None,
-    keep_last: Annotated[int, typer.Option(help="Last layers kept on the GPU (not offloaded).")] = 1,
-    state_bytes_per_param: Annotated[float, typer.Option(help="Bytes of weights+grads+optimizer per parameter.")] = 16.0,
+    keep_last: KeepLastOpt = 1,
+    state_bytes_per_param: StateBytesOpt = 16.0,
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the plan JSON.")] = Path("plan.json"),
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary (for scripts).")] = False,
 ) -> None:
     """Choose swap fractions and solve the address plan for PROFILE_FILE at --seq on --gpus."""
     from memoplan.hardware import get_hardware
@@ -110,15 +128,17 @@ def solve(
         cfg = SolveConfig(seq=parse_seq(seq), gpus=gpus, gpus_per_node=gpus_per_node, tp=tp, cp=cp,
                           hardware=hardware, time_limit=time_limit, alpha=alpha,
                           keep_last=keep_last, state_bytes_per_param=state_bytes_per_param)
-        with _progress(quiet) as progress:
+        with _progress(quiet or as_json) as progress:
             plan = solve_plan(prof, cfg, progress=progress)
         write_json_atomic(output, plan.to_json())
-    if not quiet:
+    if as_json:
+        views.echo_json({**views.plan_facts(plan), "file": str(output)})
+    elif not quiet:
         console.print(plan_summary(plan))
         console.print(f"wrote [bold]{output}[/]")
 
 
-from memoplan.cli import views  # noqa: E402  (registers plot, show, sweep on ``app``)
+from memoplan.cli import views  # noqa: E402, F401  (registers plot, show, sweep on ``app``)
 
 
 def main() -> None:

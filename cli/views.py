@@ -11,7 +11,9 @@ import typer
 from rich import box
 from rich.table import Table
 
-from memoplan.cli.app import _progress, _user_errors, app, console
+from memoplan.cli.app import (CpOpt, GpuMemOpt, GpusOpt, GpusPerNodeOpt, HostMemOpt, HwOpt,
+                               KeepLastOpt, PcieOpt, PeakOpt, StateBytesOpt, TpOpt, _progress,
+                               _user_errors, app, console)
 from memoplan.ir import PLAN_SCHEMA, PROFILE_SCHEMA, Plan, Profile
 
 QUIET = typer.Option("--quiet", "-q", help="Print nothing but errors.")
@@ -43,7 +45,7 @@ def _schema_of(path: Path) -> str | None:
     return schema if isinstance(schema, str) else None
 
 
-def _echo_json(data: Any) -> None:
+def echo_json(data: Any) -> None:
     """One line of JSON on stdout."""
     typer.echo(json.dumps(data))
 
@@ -142,7 +144,7 @@ def show(
             prof = _read_profile(file, what="profile" if known else "profile or plan")
             facts, summary = profile_facts(prof), profile_summary(prof)
     if as_json:
-        _echo_json(facts)
+        echo_json(facts)
     else:
         console.print(summary)
 
@@ -176,18 +178,18 @@ def _sweep_table(rows: list) -> Table:
 def sweep(
     profile_file: Annotated[Path, typer.Argument(help="profile.json written by 'memoplan profile'.")],
     seq: Annotated[str, typer.Option(help="Lengths: 32K..1M (doubling) or a list 32K,64K.")] = "32K..1M",
-    gpus: Annotated[int, typer.Option(help="GPUs in all.")] = 1,
-    gpus_per_node: Annotated[int, typer.Option(help="GPUs sharing a node's host memory and PCIe.")] = 8,
-    tp: Annotated[Optional[int], typer.Option(help="Tensor(+sequence)-parallel degree (default: all GPUs / cp).")] = None,
-    cp: Annotated[int, typer.Option(help="Context-parallel degree.")] = 1,
-    hw: Annotated[str, typer.Option(help="Hardware preset: h200, h100, a800, a100.")] = "h200",
-    pcie_gbps: Annotated[Optional[float], typer.Option(help="Pinned D2H GB/s of one GPU.")] = None,
-    host_mem_gb: Annotated[Optional[float], typer.Option(help="Host memory per node (GiB) for activations.")] = None,
-    gpu_mem_gb: Annotated[Optional[float], typer.Option(help="GPU memory (GiB).")] = None,
-    peak_tflops: Annotated[Optional[float], typer.Option(help="Dense bf16 TFLOP/s of one GPU.")] = None,
+    gpus: GpusOpt = 1,
+    gpus_per_node: GpusPerNodeOpt = 8,
+    tp: TpOpt = None,
+    cp: CpOpt = 1,
+    hw: HwOpt = "h200",
+    pcie_gbps: PcieOpt = None,
+    host_mem_gb: HostMemOpt = None,
+    gpu_mem_gb: GpuMemOpt = None,
+    peak_tflops: PeakOpt = None,
     time_limit: Annotated[float, typer.Option(help="Seconds for each MIP of each length.")] = 5.0,
-    keep_last: Annotated[int, typer.Option(help="Last layers kept on the GPU (not offloaded).")] = 1,
-    state_bytes_per_param: Annotated[float, typer.Option(help="Bytes of weights+grads+optimizer per parameter.")] = 16.0,
+    keep_last: KeepLastOpt = 1,
+    state_bytes_per_param: StateBytesOpt = 16.0,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Folder for sweep.png.")] = None,
     as_json: Annotated[bool, AS_JSON] = False,
     quiet: Annotated[bool, QUIET] = False,
@@ -215,7 +217,7 @@ def sweep(
             picture = write_pngs({"sweep": figure}, output)[0]
     best = longest_fit(rows)
     if as_json:
-        _echo_json({"rows": [r.to_json() for r in rows], "longest_fit": best})
+        echo_json({"rows": [r.to_json() for r in rows], "longest_fit": best})
         return
     if quiet:
         return

@@ -8,8 +8,8 @@ memoplan builds these dicts by hand. ``PROFILE_SCHEMA`` versions the profile fil
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import asdict, dataclass
+from typing import Literal
 
 from memoplan.errors import MemoplanError
 

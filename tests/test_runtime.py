@@ -8,7 +8,6 @@ import copy
 import dataclasses
 import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch

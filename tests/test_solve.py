@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import EXAMPLES, ROOT
-from memoplan.errors import InfeasibleError, MemoplanError
+from memoplan.errors import InfeasibleError
 from memoplan.hardware import get_hardware
 from memoplan.ir import Plan, Profile
 from memoplan.solve import SolveConfig, solve_plan
@@ -248,3 +248,16 @@ def test_solver_time_limit_still_returns_a_checked_plan(llama7b, tmp_path):
     for lp in plan.levels.values():
         assert lp.status in ("optimal", "feasible", "greedy-fallback")
         assert lp.peak <= lp.greedy_peak
+
+
+def test_json_output_for_scripts(cli, tiny_file, tmp_path):
+    out = tmp_path / "plan.json"
+    r = cli("solve", tiny_file, "--seq", "64K", "--time-limit", "2", "--json", "-o", out)
+    assert r.exit_code == 0, r.output
+    facts = json.loads(r.output)
+    plan = json.loads(out.read_text())
+    assert facts["arena_bytes"] == plan["arena_bytes"] and facts["file"] == str(out)
+    r = cli("profile", EXAMPLES / "gpt" / "model.py", "--seq", "64", "--json",
+            "-o", tmp_path / "p.json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["layer_class"] == "GPTBlock"

@@ -99,7 +99,6 @@ def trace_layer(layer: torch.nn.Module, args: tuple, kwargs: dict, *, seq_len: i
         return x.requires_grad_(wants_grad)
 
     inputs = [prep(i) for i in tensor_pos]
-    grad_inputs = [x for x in inputs if x.requires_grad]
     pvals = [p.detach().clone().requires_grad_(p.requires_grad) for p in params.values()]
     bvals = [b.detach().clone() for b in buffers.values()]
 
@@ -110,9 +109,10 @@ def trace_layer(layer: torch.nn.Module, args: tuple, kwargs: dict, *, seq_len: i
         a, kw = pytree.tree_unflatten(flat, spec)
         return functional_call(layer, {**dict(zip(pnames, pv)), **dict(zip(bnames, bv))}, a, kw)
 
-    try:
-        with torch.enable_grad():
-            sample = [t for t in _tensor_leaves(call(pvals, bvals, inputs)) if t.requires_grad]
+    try:  # the outputs' shapes, from a run on fake tensors (no compute)
+        with FakeTensorMode(allow_non_fake_inputs=True), torch.enable_grad():
+            sample = [(tuple(t.shape), t.dtype) for t in _tensor_leaves(call(pvals, bvals, inputs))
+                      if t.requires_grad]
     except Exception as e:
         raise MemoplanError(f"Running layer '{layer_name}' on its captured arguments failed: "
                             f"{type(e).__name__}: {e}.") from e
@@ -120,7 +120,8 @@ def trace_layer(layer: torch.nn.Module, args: tuple, kwargs: dict, *, seq_len: i
         raise MemoplanError(f"Layer '{layer_name}' returned no tensor that needs a gradient, so "
                             f"it has no backward to profile.")
     gen = torch.Generator().manual_seed(0)
-    grad_outs = [torch.randn(t.shape, generator=gen, dtype=t.dtype) for t in sample]
+    device = leaves[primary].device
+    grad_outs = [torch.randn(shape, generator=gen, dtype=dtype).to(device) for shape, dtype in sample]
     boundary: list[int] = []
 
     def joint(pv: list, bv: list, xs: list, gouts: list) -> tuple:
