@@ -110,13 +110,15 @@ def solve(
     keep_last: KeepLastOpt = 1,
     state_bytes_per_param: StateBytesOpt = 16.0,
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the plan JSON.")] = Path("plan.json"),
+    emit: Annotated[Optional[Path], typer.Option(help="Also write the generated runtime module here.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON summary (for scripts).")] = False,
 ) -> None:
     """Choose swap fractions and solve the address plan for PROFILE_FILE at --seq on --gpus."""
     from memoplan.hardware import get_hardware
     from memoplan.ir import PROFILE_SCHEMA, Profile
-    from memoplan.jsonio import read_json, write_json_atomic
+    from memoplan.emit import emit_module
+    from memoplan.jsonio import read_json, write_json_atomic, write_text_atomic
     from memoplan.report import plan_summary
     from memoplan.solve import SolveConfig, solve_plan
     from memoplan.units import parse_seq
@@ -130,11 +132,31 @@ def solve(
                           keep_last=keep_last, state_bytes_per_param=state_bytes_per_param)
         with _progress(quiet or as_json) as progress:
             plan = solve_plan(prof, cfg, progress=progress)
+        module = emit_module(plan) if emit else None  # render first: no plan without its module
         write_json_atomic(output, plan.to_json())
+        if emit:
+            write_text_atomic(emit, module)
     if as_json:
         views.echo_json({**views.plan_facts(plan), "file": str(output)})
     elif not quiet:
         console.print(plan_summary(plan))
+        console.print(f"wrote [bold]{output}[/]")
+
+
+@app.command("emit")
+def emit_cmd(
+    plan_file: Annotated[Path, typer.Argument(help="plan.json written by 'memoplan solve'.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the module.")] = Path("runtime_plan.py"),
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
+) -> None:
+    """Write PLAN_FILE as a generated, readable Python runtime module."""
+    from memoplan.emit import emit_module
+    from memoplan.jsonio import write_text_atomic
+    from memoplan.runtime import load_plan
+
+    with _user_errors():
+        write_text_atomic(output, emit_module(load_plan(plan_file)))
+    if not quiet:
         console.print(f"wrote [bold]{output}[/]")
 
 

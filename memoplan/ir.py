@@ -8,7 +8,7 @@ memoplan builds these dicts by hand. ``PROFILE_SCHEMA`` versions the profile fil
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from memoplan.errors import MemoplanError
@@ -118,13 +118,19 @@ class GraphNode:
     ``cls``: ``token`` (token-wise), ``mixing``, ``free`` (touches no token axis), or
     ``placeholder`` (an input: parameter, buffer, layer argument, grad output). ``axes``:
     for each tensor output, the axes that grow with the sequence length. The runtime checks its
-    own trace of the layer against these before it executes a plan.
+    own trace of the layer against these before it executes a plan. ``args``/``kwargs`` are the
+    call's arguments as JSON data (``memoplan.trace.encode``), ``role`` a placeholder's role
+    (param, buffer, primary, shared, grad_out), ``output`` whether the layer returns the value.
     """
 
     name: str
     target: str
     cls: str
     axes: tuple[tuple[int, ...], ...]
+    args: list = field(default_factory=list)
+    kwargs: dict = field(default_factory=dict)
+    role: str = ""
+    output: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -247,7 +253,8 @@ def _profile_to_json(p: Profile) -> dict:
             "time": {"forward_s": L.time_forward_s, "backward_s": L.time_backward_s},
             "graph_nodes": L.graph_nodes,
             "nodes": [{"name": n.name, "target": n.target, "class": n.cls,
-                       "axes": [list(a) for a in n.axes]} for n in L.nodes],
+                       "axes": [list(a) for a in n.axes], "args": n.args, "kwargs": n.kwargs,
+                       "role": n.role, "output": n.output} for n in L.nodes],
         },
     }
 
@@ -282,7 +289,10 @@ def _profile_from_json(d: dict) -> Profile:
         time_backward_s=float(ld["time"]["backward_s"]),
         graph_nodes=int(ld["graph_nodes"]),
         nodes=tuple(GraphNode(name=n["name"], target=n["target"], cls=n["class"],
-                              axes=tuple(tuple(a) for a in n["axes"])) for n in ld.get("nodes", ())),
+                              axes=tuple(tuple(a) for a in n["axes"]), args=n.get("args", []),
+                              kwargs=n.get("kwargs", {}), role=n.get("role", ""),
+                              output=bool(n.get("output", False)))
+                    for n in ld.get("nodes", ())),
     )
     return Profile(
         schema=d["schema"],

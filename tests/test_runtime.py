@@ -186,3 +186,13 @@ def test_load_plan_round_trip(plans, tmp_path):
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(plans["gpt"].to_json()))
     assert load_plan(path) == plans["gpt"]
+
+
+def test_runtime_does_not_import_the_solver_or_mip():
+    import subprocess
+    import sys
+
+    code = ("import sys, memoplan.runtime, memoplan.emit; "
+            "print('mip' in sys.modules, 'memoplan.solve' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]

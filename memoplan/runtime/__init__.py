@@ -8,6 +8,6 @@
 Depends on torch, the plan format and memoplan.trace's tracing helpers; never on the solver.
 """
 
-from memoplan.runtime.apply import apply, load_plan
+from memoplan.runtime.apply import apply, load_plan, plan_from_text
 
-__all__ = ["apply", "load_plan"]
+__all__ = ["apply", "load_plan", "plan_from_text"]

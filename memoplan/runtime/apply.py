@@ -15,6 +15,7 @@ any sequence length runs, also one that the GPUs do not split evenly.
 
 from __future__ import annotations
 
+import json
 import types
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,17 @@ from memoplan.signature import layer_signature
 def load_plan(path: str | Path) -> Plan:
     """Read a plan written by ``memoplan solve`` (clear errors for missing or corrupt files)."""
     return Plan.from_json(read_json(path, schema_prefix=PLAN_SCHEMA, what="plan"))
+
+
+def plan_from_text(text: str) -> Plan:
+    """A plan from its JSON text (what a generated runtime module embeds)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise MemoplanError(f"The embedded plan is not valid JSON ({e}); emit it again.") from e
+    if not isinstance(data, dict) or data.get("schema") != PLAN_SCHEMA:
+        raise MemoplanError(f"The embedded plan is not a '{PLAN_SCHEMA}' plan; emit it again.")
+    return Plan.from_json(data)
 
 
 class _Runner:

@@ -132,7 +132,7 @@ def _layer_output(layer: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
 
 
 def _check_same_graph(tr: LayerTrace, plan_layer: dict, layer_name: str) -> None:
-    here = [(n.name, str(n.target)) for n in tr.forward_nodes]
+    here = [(n.name, str(n.target)) for n in tr.forward_nodes]  # op for op, in order
     there = [(n["name"], n["target"]) for n in plan_layer["nodes"] if n["class"] != "placeholder"]
     if here == there:
         return

@@ -78,4 +78,5 @@ def runtime_layer(profile: Profile) -> dict:
     full = profile.to_json()["layer"]
     return {"saved": [{k: t[k] for k in ("name", "kind", "token_wise", "seq_axis")}
                       for t in full["saved"]],
-            "nodes": full["nodes"]}
+            "nodes": full["nodes"], "segments": full["segments"],
+            "trace_seq": profile.seq_lens[0]}  # the length the nodes' shapes were traced at

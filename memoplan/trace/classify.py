@@ -183,12 +183,13 @@ def token_segments(trace: LayerTrace, classes: dict[str, NodeClass]) -> tuple[li
             users = sorted((u for u in n.users if u.name in member), key=lambda u: order[u.name])
             if users:
                 member[n.name] = member[users[0].name]
+    position = {n.name: i for i, n in enumerate(trace.gm.graph.nodes)}  # placeholders first
     segments = []
     for i in range(len(comps)):
         names = [n for n in fwd if member.get(n) == i]
         inside = set(names)
         ins = sorted({a.name for nm in names for a in _input_nodes(fwd[nm]) if a.name not in inside},
-                     key=lambda x: order.get(x, -1))
+                     key=position.__getitem__)
         outs = [nm for nm in names if any(u.name not in inside for u in fwd[nm].users)]
         segments.append(SegmentInfo(id=i, nodes=tuple(names), inputs=tuple(ins), outputs=tuple(outs)))
     return segments, member

@@ -58,6 +58,10 @@ class LayerTrace:
         return (StorageWeakRef(s).cdata, s.nbytes()) if s.nbytes() > 0 else None
 
     @property
+    def forward_nodes_set(self) -> set[fx.Node]:
+        return set(self.forward_nodes)
+
+    @property
     def real(self) -> dict[str, Any]:
         """Real float32 values of the placeholders and forward nodes (the shadow run)."""
         if self._real is None:

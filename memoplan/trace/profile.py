@@ -21,6 +21,7 @@ from memoplan.hardware import get_hardware
 from memoplan.ir import (FlopSplit, GraphNode, LayerProfile, ModelInfo, Profile, SavedTensor, Segment,
                          TensorSpan)
 from memoplan.signature import layer_signature
+from memoplan.trace.encode import encode_call
 from memoplan.trace.classify import (check_aligned, classify_forward, saved_storages, seq_axes,
                                      token_segments, tensors_of)
 from memoplan.trace.graph import LayerTrace, pick_primary, trace_layer
@@ -85,7 +86,6 @@ def profile_model(cfg: ProfileConfig, *, progress: Callable[[str], None] = lambd
             traces.append(trace_layer(layer, *call, seq_len=seq_len, layer_name=found.class_name))
     check_aligned(traces)
     progress("classifying tensors")
-    forward_set = set(traces[0].forward_nodes)
     axes = seq_axes(traces)
     classes = classify_forward(traces[0], axes)
     segments, member = token_segments(traces[0], classes)
@@ -148,13 +148,29 @@ def profile_model(cfg: ProfileConfig, *, progress: Callable[[str], None] = lambd
         mixing_ops=mixing_ops, flops_forward=flops_fwd, flops_backward=flops_bwd,
         time_forward_s=time_fwd, time_backward_s=time_bwd,
         graph_nodes=len(main.forward_nodes) + len(main.backward_nodes),
-        nodes=tuple(GraphNode(name=n.name, target=str(n.target),
-                              cls=classes.get(n.name, "placeholder"), axes=tuple(axes[n.name]))
-                    for n in traces[0].gm.graph.nodes
-                    if n.op == "placeholder" or n in forward_set))
+        nodes=_graph_nodes(traces[0], classes, axes))
     return Profile(model=model_info, layer=layer_profile, seq_len=cfg.seq, seq_lens=lens,
                    time_source=source, hardware=hw.name, device=cfg.device, notes=tuple(notes),
                    hash=layer_signature(layer))
+
+
+def _graph_nodes(trace: LayerTrace, classes: dict[str, str],
+                 axes: dict[str, list[tuple[int, ...]]]) -> tuple[GraphNode, ...]:
+    """The forward graph as data: placeholders, then call nodes, with classes and arguments."""
+    out_node = next(n for n in trace.gm.graph.nodes if n.op == "output")
+    outputs = {n.name for n in pytree.tree_leaves(out_node.args[0])[: trace.num_outputs]
+               if isinstance(n, torch.fx.Node)}
+    nodes = []
+    for n in trace.gm.graph.nodes:
+        if n.op == "placeholder":
+            nodes.append(GraphNode(name=n.name, target="placeholder", cls="placeholder",
+                                   axes=tuple(axes[n.name]), role=trace.roles[n.name]))
+        elif n in trace.forward_nodes_set:
+            args, kwargs = encode_call(n)
+            nodes.append(GraphNode(name=n.name, target=str(n.target), cls=classes[n.name],
+                                   axes=tuple(axes[n.name]), args=args, kwargs=kwargs,
+                                   output=n.name in outputs))
+    return tuple(nodes)
 
 
 def _head_bytes_per_token(model: torch.nn.Module, layers: tuple[torch.nn.Module, ...]) -> float:
