@@ -94,8 +94,10 @@ def _symbolic(raw: Any, rendered: str, axis: int, trace_seq: int) -> str:
     return rendered
 
 
-def _length_line(params: list[str], axes: dict[str, list]) -> list[str]:
-    """``S = <first token-carrying input>.shape[axis]``, or nothing if no input carries tokens."""
+def _length_line(params: list[str], axes: dict[str, list], body: list[str]) -> list[str]:
+    """``S = <first token-carrying input>.shape[axis]`` when ``body`` uses ``S``."""
+    if not any(re.search(r"\bS\b", line) for line in body):
+        return []
     for p in params:
         a = axes.get(p, [])
         if len(a) == 1 and len(a[0]) == 1:
@@ -160,7 +162,7 @@ def emit_module(plan: Plan) -> str:
     trace_seq = plan.layer.get("trace_seq")
     axes = {n["name"]: n["axes"] for n in nodes}
     params = [_ident(p["name"]) for p in placeholders]
-    body: list[str] = _length_line(params, axes)
+    body: list[str] = []
     current = None
     for n in calls:
         mark = ("segment", member[n["name"]]) if n["name"] in member else (n["class"], None)
@@ -169,6 +171,7 @@ def emit_module(plan: Plan) -> str:
                         else f"# {'token-mixing op' if mark[0] == 'mixing' else 'other op'}")
             current = mark
         body.append(render_call(n, trace_seq))
+    body = _length_line(params, axes, body) + body
     values = ", ".join(f"{_ident(n['name'])!r}: {_ident(n['name'])}" for n in calls)
     out += _function("forward_graph", "The layer's forward, op for op as profiled; every value "
                      "by name.", params, body,
@@ -176,8 +179,8 @@ def emit_module(plan: Plan) -> str:
     by_name = {n["name"]: n for n in calls}
     for s in segments:
         inputs = [_ident(i) for i in s["inputs"]]
-        seg_body = _length_line(inputs, axes) + [render_call(by_name[name], trace_seq)
-                                                 for name in s["nodes"]]
+        seg_body = [render_call(by_name[name], trace_seq) for name in s["nodes"]]
+        seg_body = _length_line(inputs, axes, seg_body) + seg_body
         outs = ", ".join(_ident(o) for o in s["outputs"])
         out += ["", ""]
         out += _function(f"segment_{int(s['id'])}",

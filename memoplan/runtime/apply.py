@@ -59,7 +59,7 @@ class _Runner:
         self.tracing = False  # while True, wrapped layers run their original forward
         self.poison = False   # debug: NaN-fill every dropped or copied-out device tensor
         self.recomputed_tokens = 0
-        self.host_bytes = 0
+        self.host_bytes = 0   # host copies made so far (summed over layer calls)
 
 
 def apply(model: torch.nn.Module, plan: Plan, *, debug_poison: bool = False) -> torch.nn.Module:
@@ -132,19 +132,17 @@ class _LayerFunction(torch.autograd.Function):
         inputs, states = list(tensors[:n_inputs]), list(tensors[n_inputs:])
         outputs, state = forward_layer(prog, mode, alpha, runner.copier, key, states,
                                        [t.detach() for t in inputs], poison=runner.poison)
-        runner.host_bytes = max(runner.host_bytes, 0) + sum(
-            t.numel() * t.element_size() for t in state.host.values())
+        runner.host_bytes += sum(t.numel() * t.element_size() for t in state.host.values())
         ctx.prog, ctx.mode, ctx.runner, ctx.state = prog, mode, runner, state
         ctx.n_inputs = n_inputs
         ctx.states = states
-        ctx.input_meta = [(t.requires_grad,) for t in inputs]
         return tuple(outputs) if len(outputs) != 1 else outputs[0]
 
     @staticmethod
     def backward(ctx: Any, *grad_outputs: torch.Tensor) -> Any:
         prog: LayerProgram = ctx.prog
         state: LayerState = ctx.state
-        grads = backward_layer(prog, ctx.mode, state, ctx.runner.copier, ctx.states, [],
+        grads = backward_layer(prog, ctx.mode, state, ctx.runner.copier, ctx.states,
                                [g.contiguous() for g in grad_outputs])
         ctx.runner.recomputed_tokens += state.recomputed_tokens
         ctx.state = None  # drop the host copies' references as soon as possible

@@ -115,24 +115,21 @@ def _poison(prog: LayerProgram, env: dict[str, Any], outputs: list[torch.Tensor]
 
 
 def backward_layer(prog: LayerProgram, mode: str, state: LayerState, copier: Copier,
-                   params: list[torch.Tensor], inputs_meta: list[torch.Tensor],
-                   grad_outputs: list[torch.Tensor]) -> list[torch.Tensor | None]:
+                   params: list[torch.Tensor], grad_outputs: list[torch.Tensor]) -> list[torch.Tensor | None]:
     """Rebuild what backward reads, run the backward graph; grads of (inputs, params)."""
     device = grad_outputs[0].device
     env: dict[str, Any] = dict(state.device)
     for c, t in state.host.items():
         if c not in state.split_at:
             env[c] = copier.to_device(t, device)
+    states = iter(params)
+    grads_in = iter(grad_outputs)
     for p in prog.placeholders:
         role = prog.roles[p.name]
-        if role == "param":
-            env[p.name] = params[_param_index(prog, p.name)]
-        elif role == "buffer":
-            env[p.name] = params[_param_index(prog, p.name)]
-    gi = iter(grad_outputs)
-    for p in prog.placeholders:
-        if prog.roles[p.name] == "grad_out":
-            env[p.name] = next(gi)
+        if role in ("param", "buffer"):
+            env[p.name] = next(states)
+        elif role == "grad_out":
+            env[p.name] = next(grads_in)
     with torch.no_grad(), _no_autocast(device):
         if mode == "recompute":
             _run(prog.forward_nodes, env)
@@ -190,11 +187,6 @@ def _ensure(prog: LayerProgram, name: str, env: dict[str, Any]) -> Any:
 def _output_nodes(prog: LayerProgram) -> list:
     out = next(n for n in prog.trace.gm.graph.nodes if n.op == "output")
     return pytree.tree_leaves(out.args[0])
-
-
-def _param_index(prog: LayerProgram, name: str) -> int:
-    states = [p.name for p in prog.placeholders if prog.roles[p.name] in ("param", "buffer")]
-    return states.index(name)
 
 
 def _placeholder_values(prog: LayerProgram, params: list[torch.Tensor],

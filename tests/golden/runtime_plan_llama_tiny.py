@@ -204,7 +204,6 @@ def segment_0(pv_1, pv_2, pv_3, pv_4, xs_1, xs_2, xs_3):
 
 def segment_1(getitem_4):
     """Token-wise segment 1: on a subset of tokens of its inputs it gives the same tokens of its outputs."""
-    S = getitem_4.shape[2]  # tokens
     detach_1 = torch.ops.aten.detach.default(getitem_4)
     return (detach_1,)
 
