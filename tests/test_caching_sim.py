@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memoplan.errors import MemoplanError
+from strategies import request_traces
 from memoplan.solve.caching_sim import round_size, segment_size, simulate_caching_allocator
 from memoplan.solve.check import check_placement
 from memoplan.solve.dsa import Block, Placement, blocks_from_requests, lower_bound
@@ -127,20 +128,10 @@ def test_live_at_start_zero_bytes_and_bad_traces():
         simulate_caching_allocator([["free", "v", 8]])
 
 
-@st.composite
-def traces(draw) -> list[list]:
-    """Valid traces mixing small and large sizes; some tensors are never freed."""
-    n = draw(st.integers(1, 30))
+def traces():
+    """Traces mixing small and large sizes (small and large pools both used)."""
     size = st.one_of(st.integers(0, 2 * MiB), st.integers(1 * MiB, 40 * MiB))
-    sizes = draw(st.lists(size, min_size=n, max_size=n))
-    freed = draw(st.lists(st.booleans(), min_size=n, max_size=n))
-    order = draw(st.permutations(list(range(n)) + [i for i in range(n) if freed[i]]))
-    seen: set[int] = set()
-    trace = []
-    for i in order:
-        trace.append(["free" if i in seen else "malloc", i, sizes[i]])
-        seen.add(i)
-    return trace
+    return request_traces(max_tensors=30, size=size)
 
 
 @settings(max_examples=60, deadline=None)

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from memoplan.errors import MemoplanError
+from strategies import request_traces
 from memoplan.solve import mip_dsa
 from memoplan.solve.check import PlanCheckError, check_placement
 from memoplan.solve.dsa import (
@@ -351,20 +352,8 @@ def test_mip_optimum_matches_brute_force(blocks):
     assert result.peak == brute_force_optimum(blocks)
 
 
-@st.composite
-def traces(draw) -> list[list]:
-    """Valid traces: each id's first event is its malloc, its second (if any) its free."""
-    n = draw(st.integers(1, 12))
-    sizes = draw(st.lists(st.integers(0, 5000), min_size=n, max_size=n))
-    freed = draw(st.lists(st.booleans(), min_size=n, max_size=n))
-    events = [i for i in range(n)] + [i for i in range(n) if freed[i]]
-    order = draw(st.permutations(events))
-    seen: set[int] = set()
-    trace = []
-    for i in order:
-        trace.append(["free" if i in seen else "malloc", i, sizes[i]])
-        seen.add(i)
-    return trace
+def traces():
+    return request_traces(max_tensors=12, size=st.integers(0, 5000))
 
 
 @settings(max_examples=50, deadline=None)
