@@ -91,6 +91,9 @@ def test_gradients_equal_plain_training(plans, name, alpha):
         assert runner.recomputed_tokens > 0  # dropped tokens really were rebuilt
     else:
         assert runner.recomputed_tokens == 0
+    # every offloaded layer (0..n-2; the last is kept) had its data prefetched during the next
+    # layer's backward, in both iterations
+    assert runner.prefetched_ahead == 2 * (n - 1)
 
 
 @pytest.mark.parametrize("mode", ["keep", "recompute"])

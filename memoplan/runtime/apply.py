@@ -26,7 +26,7 @@ from torch.utils import _pytree as pytree
 from memoplan.errors import MemoplanError
 from memoplan.ir import PLAN_SCHEMA, Plan
 from memoplan.jsonio import read_json
-from memoplan.runtime.execute import LayerState, backward_layer, forward_layer
+from memoplan.runtime.execute import LayerState, backward_layer, forward_layer, prefetch_layer
 from memoplan.runtime.program import LayerProgram, build_program
 from memoplan.runtime.streams import Copier
 from memoplan.signature import layer_signature
@@ -59,6 +59,8 @@ class _Runner:
         self.tracing = False  # while True, wrapped layers run their original forward
         self.poison = False   # debug: NaN-fill every dropped or copied-out device tensor
         self.recomputed_tokens = 0
+        self.pending: dict[int, LayerState] = {}  # layer index -> state of its latest forward
+        self.prefetched_ahead = 0  # layers whose data was prefetched during the next backward
         self.host_bytes = 0   # host copies made so far (summed over layer calls)
 
 
@@ -100,7 +102,7 @@ def _wrap(layer: torch.nn.Module, index: int, runner: _Runner) -> None:
         leaves = pytree.tree_leaves((args, kwargs))
         inputs = [x for x in leaves if isinstance(x, torch.Tensor)]
         states = [p for _, p in self.named_parameters()] + [b for _, b in self.named_buffers()]
-        outs = _LayerFunction.apply(prog, decision.mode, decision.alpha, runner, f"{index}",
+        outs = _LayerFunction.apply(prog, decision.mode, decision.alpha, runner, index,
                                     len(inputs), *inputs, *states)
         runner.calls += 1
         it = iter(outs if isinstance(outs, tuple) else (outs,))
@@ -127,11 +129,13 @@ def _program(runner: _Runner, layer: torch.nn.Module, args: tuple, kwargs: dict)
 
 class _LayerFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, prog: LayerProgram, mode: str, alpha: float, runner: _Runner, key: str,
+    def forward(ctx: Any, prog: LayerProgram, mode: str, alpha: float, runner: _Runner, index: int,
                 n_inputs: int, *tensors: torch.Tensor) -> Any:
         inputs, states = list(tensors[:n_inputs]), list(tensors[n_inputs:])
-        outputs, state = forward_layer(prog, mode, alpha, runner.copier, key, states,
+        outputs, state = forward_layer(prog, mode, alpha, runner.copier, str(index), states,
                                        [t.detach() for t in inputs], poison=runner.poison)
+        runner.pending[index] = state
+        ctx.index = index
         runner.host_bytes += sum(t.numel() * t.element_size() for t in state.host.values())
         ctx.prog, ctx.mode, ctx.runner, ctx.state = prog, mode, runner, state
         ctx.n_inputs = n_inputs
@@ -142,6 +146,12 @@ class _LayerFunction(torch.autograd.Function):
     def backward(ctx: Any, *grad_outputs: torch.Tensor) -> Any:
         prog: LayerProgram = ctx.prog
         state: LayerState = ctx.state
+        runner: _Runner = ctx.runner
+        previous = runner.pending.pop(ctx.index - 1, None)
+        if previous is not None and previous.host:  # its copies overlap this layer's backward
+            prefetch_layer(previous, runner.copier, grad_outputs[0].device)
+            runner.prefetched_ahead += 1
+        runner.pending.pop(ctx.index, None)
         grads = backward_layer(prog, ctx.mode, state, ctx.runner.copier, ctx.states,
                                [g.contiguous() for g in grad_outputs])
         ctx.runner.recomputed_tokens += state.recomputed_tokens

@@ -54,6 +54,7 @@ class LayerState:
         self.seq: dict[str, int] = {}                  # creator -> its full token count
         self.layout: dict[str, list[int]] = {}         # creator -> dim order, outermost first
         self.recomputed_tokens = 0                     # summed over rebuilt tensors
+        self.fetched: dict[str, tuple] = {}            # creator -> (device tensor, event)
 
 
 def forward_layer(prog: LayerProgram, mode: str, alpha: float, copier: Copier, key: str,
@@ -114,14 +115,23 @@ def _poison(prog: LayerProgram, env: dict[str, Any], outputs: list[torch.Tensor]
             v.fill_(float("nan"))
 
 
+def prefetch_layer(state: LayerState, copier: Copier, device: torch.device) -> None:
+    """Start copying a layer's host copies back (idempotent). Called for layer i while layer
+    i+1 runs its backward, and again, as a no-op or to catch up, when layer i's backward starts."""
+    for c, t in state.host.items():
+        if c not in state.fetched:
+            state.fetched[c] = copier.prefetch(t, device)
+
+
 def backward_layer(prog: LayerProgram, mode: str, state: LayerState, copier: Copier,
                    params: list[torch.Tensor], grad_outputs: list[torch.Tensor]) -> list[torch.Tensor | None]:
     """Rebuild what backward reads, run the backward graph; grads of (inputs, params)."""
     device = grad_outputs[0].device
     env: dict[str, Any] = dict(state.device)
-    for c, t in state.host.items():
+    prefetch_layer(state, copier, device)
+    for c in state.host:
         if c not in state.split_at:
-            env[c] = copier.to_device(t, device)
+            env[c] = copier.ready(state.fetched[c])
     states = iter(params)
     grads_in = iter(grad_outputs)
     for p in prog.placeholders:
@@ -149,7 +159,7 @@ def _rebuild_split(prog: LayerProgram, c: str, state: LayerState, env: dict[str,
     k, seq = state.split_at[c], state.seq[c]
     parts = []
     if k:
-        parts.append(copier.to_device(state.host[c], device))
+        parts.append(copier.ready(state.fetched[c]))
     if k < seq:
         tokens = torch.arange(k, seq, device=device)
         parts.append(_recompute_tokens(prog, c, env, tokens, seq))
