@@ -116,15 +116,14 @@ def solve(
 ) -> None:
     """Choose swap fractions and solve the address plan for PROFILE_FILE at --seq on --gpus."""
     from memoplan.hardware import get_hardware
-    from memoplan.ir import PROFILE_SCHEMA, Profile
     from memoplan.emit import emit_module
-    from memoplan.jsonio import read_json, write_json_atomic, write_text_atomic
+    from memoplan.jsonio import load_profile, write_json_atomic, write_text_atomic
     from memoplan.report import plan_summary
     from memoplan.solve import SolveConfig, solve_plan
     from memoplan.units import parse_seq
 
     with _user_errors():
-        prof = Profile.from_json(read_json(profile_file, schema_prefix=PROFILE_SCHEMA, what="profile"))
+        prof = load_profile(profile_file)
         hardware = get_hardware(hw, pcie_gbps=pcie_gbps, host_mem_gb=host_mem_gb,
                                 gpu_mem_gb=gpu_mem_gb, peak_tflops=peak_tflops)
         cfg = SolveConfig(seq=parse_seq(seq), gpus=gpus, gpus_per_node=gpus_per_node, tp=tp, cp=cp,

@@ -15,23 +15,10 @@ from memoplan.cli.app import (CpOpt, GpuMemOpt, GpusOpt, GpusPerNodeOpt, HostMem
                                KeepLastOpt, PcieOpt, PeakOpt, StateBytesOpt, TpOpt, _progress,
                                _user_errors, app, console)
 from memoplan.ir import PLAN_SCHEMA, PROFILE_SCHEMA, Plan, Profile
+from memoplan.jsonio import load_plan, load_profile
 
 QUIET = typer.Option("--quiet", "-q", help="Print nothing but errors.")
 AS_JSON = typer.Option("--json", help="Print a JSON summary instead of tables (for scripts).")
-
-
-def _read_plan(path: Path) -> Plan:
-    """A plan file, with read_json's messages for missing, corrupt or foreign files."""
-    from memoplan.jsonio import read_json
-
-    return Plan.from_json(read_json(path, schema_prefix=PLAN_SCHEMA, what="plan"))
-
-
-def _read_profile(path: Path, what: str = "profile") -> Profile:
-    """A profile file, with read_json's messages for missing, corrupt or foreign files."""
-    from memoplan.jsonio import read_json
-
-    return Profile.from_json(read_json(path, schema_prefix=PROFILE_SCHEMA, what=what))
 
 
 def _schema_of(path: Path) -> str | None:
@@ -64,7 +51,7 @@ def plot(
     from memoplan.plot import load_snapshot, plan_figures, write_pngs
 
     with _user_errors():
-        plan = _read_plan(plan_file)
+        plan = load_plan(plan_file)
         snap = load_snapshot(snapshot) if snapshot is not None else None
         with _progress(quiet) as progress:
             progress("drawing the plan")
@@ -137,11 +124,11 @@ def show(
     with _user_errors():
         schema = _schema_of(file) or ""
         if schema.startswith(PLAN_SCHEMA.split("/")[0] + "/"):
-            plan = _read_plan(file)
+            plan = load_plan(file)
             facts, summary = plan_facts(plan), plan_summary(plan)
         else:  # a profile, or a file that is neither: read_json then says what is wrong
             known = schema.startswith(PROFILE_SCHEMA.split("/")[0] + "/")
-            prof = _read_profile(file, what="profile" if known else "profile or plan")
+            prof = load_profile(file, what="profile" if known else "profile or plan")
             facts, summary = profile_facts(prof), profile_summary(prof)
     if as_json:
         echo_json(facts)
@@ -200,7 +187,7 @@ def sweep(
     from memoplan.units import fmt_tokens
 
     with _user_errors():
-        prof = _read_profile(profile_file)
+        prof = load_profile(profile_file)
         lengths = parse_seq_list(seq)
         hardware = get_hardware(hw, pcie_gbps=pcie_gbps, host_mem_gb=host_mem_gb,
                                 gpu_mem_gb=gpu_mem_gb, peak_tflops=peak_tflops)

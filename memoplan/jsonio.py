@@ -67,3 +67,18 @@ def read_json(path: str | Path, *, schema_prefix: str, what: str) -> dict:
             f"Write it again with this version of memoplan."
         )
     return data
+
+
+def load_profile(path: str | Path, what: str = "profile"):
+    """A profile file as :class:`memoplan.ir.Profile` (clear errors for bad files; ``what``
+    names the expected file in them)."""
+    from memoplan.ir import PROFILE_SCHEMA, Profile
+
+    return Profile.from_json(read_json(path, schema_prefix=PROFILE_SCHEMA, what=what))
+
+
+def load_plan(path: str | Path):
+    """A plan file as :class:`memoplan.ir.Plan` (clear errors for bad files)."""
+    from memoplan.ir import PLAN_SCHEMA, Plan
+
+    return Plan.from_json(read_json(path, schema_prefix=PLAN_SCHEMA, what="plan"))

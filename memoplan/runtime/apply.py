@@ -25,7 +25,7 @@ from torch.utils import _pytree as pytree
 
 from memoplan.errors import MemoplanError
 from memoplan.ir import PLAN_SCHEMA, Plan
-from memoplan.jsonio import read_json
+from memoplan import jsonio
 from memoplan.runtime.execute import LayerState, backward_layer, forward_layer, prefetch_layer
 from memoplan.runtime.program import LayerProgram, build_program
 from memoplan.runtime.streams import Copier
@@ -34,7 +34,7 @@ from memoplan.signature import layer_signature
 
 def load_plan(path: str | Path) -> Plan:
     """Read a plan written by ``memoplan solve`` (clear errors for missing or corrupt files)."""
-    return Plan.from_json(read_json(path, schema_prefix=PLAN_SCHEMA, what="plan"))
+    return jsonio.load_plan(path)
 
 
 def plan_from_text(text: str) -> Plan:

@@ -76,7 +76,7 @@ def build_program(layer: torch.nn.Module, args: tuple, kwargs: dict, plan_layer:
             if isinstance(a, fx.Node) and a.name in fwd and tr.roles.get(a.name) != "grad_out" \
                     and a.name not in read:
                 read.append(a.name)
-    creator_of = _creators(tr, placeholders)
+    creator_of = {name: c.name for name, c in tr.creators().items()}
     saved = {t["name"]: t for t in plan_layer["saved"]}
     handling: dict[str, Handling] = {}
     for name in read:
@@ -144,19 +144,6 @@ def _check_same_graph(tr: LayerTrace, plan_layer: dict, layer_name: str) -> None
         f"({mine} here, {theirs} in the profile). The plan was profiled on another device or "
         f"for another version of the layer: run 'memoplan profile' again on this device "
         f"(--device cuda on a GPU) and solve a new plan.")
-
-
-def _creators(tr: LayerTrace, placeholders: list[fx.Node]) -> dict[str, str]:
-    """node name -> the first node (placeholder or forward) whose value shares its storage."""
-    first: dict[int, str] = {}
-    out: dict[str, str] = {}
-    for n in placeholders + tr.forward_nodes:
-        st = tr.storage(n.name)
-        if st is None:
-            continue
-        first.setdefault(st[0], n.name)
-        out[n.name] = first[st[0]]
-    return out
 
 
 def _ancestry(prog: LayerProgram, creator: str) -> list[str]:

@@ -222,11 +222,7 @@ def saved_storages(trace: LayerTrace, classes: dict[str, NodeClass]) -> list[Sav
     input_kind = {trace.storage(p.name)[0]: ("input" if trace.roles[p.name] == "primary" else "shared")
                   for p in placeholders
                   if trace.roles[p.name] in ("primary", "shared") and trace.storage(p.name)}
-    creators: dict[int, fx.Node] = {}
-    for n in placeholders + trace.forward_nodes:
-        st = trace.storage(n.name)
-        if st and st[0] not in creators:
-            creators[st[0]] = n
+    creators = {trace.storage(c.name)[0]: c for c in trace.creators().values()}
     read: dict[int, list[fx.Node]] = {}
     for b in trace.backward_nodes:
         for a in _input_nodes(b):

@@ -57,6 +57,17 @@ class LayerTrace:
         s = v.untyped_storage()
         return (StorageWeakRef(s).cdata, s.nbytes()) if s.nbytes() > 0 else None
 
+    def creators(self) -> dict[str, fx.Node]:
+        """Node name -> the first node (placeholder or forward) whose value shares its storage."""
+        first: dict[int, fx.Node] = {}
+        out: dict[str, fx.Node] = {}
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        for n in placeholders + self.forward_nodes:
+            st = self.storage(n.name)
+            if st is not None:
+                out[n.name] = first.setdefault(st[0], n)
+        return out
+
     @property
     def forward_nodes_set(self) -> set[fx.Node]:
         return set(self.forward_nodes)
