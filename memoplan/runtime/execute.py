@@ -33,10 +33,13 @@ def _args_of(n: fx.Node, env: dict[str, Any]) -> tuple[tuple, dict]:
                            (n.args, n.kwargs), is_leaf=lambda a: isinstance(a, fx.Node))
 
 
-def _run(nodes: list[fx.Node], env: dict[str, Any]) -> None:
+def _run(nodes: list[fx.Node], env: dict[str, Any], drops: dict[str, list[str]]) -> None:
+    """Run ``nodes`` over ``env``, dropping each value after its last use (``drops``)."""
     for n in nodes:
         args, kwargs = _args_of(n, env)
         env[n.name] = n.target(*args, **kwargs)
+        for name in drops.get(n.name, ()):
+            env.pop(name, None)
 
 
 def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -69,7 +72,7 @@ def forward_layer(prog: LayerProgram, mode: str, alpha: float, copier: Copier, k
     _bind_placeholders(prog, env, params, inputs)
     device = inputs[0].device
     with torch.no_grad(), _no_autocast(device):
-        _run(prog.forward_nodes, env)
+        _run(prog.forward_nodes, env, prog.drop_forward)
     outputs = [env[n.name] for n in _output_nodes(prog)[: prog.num_outputs]]
     state = LayerState()
     for name, p in zip((p.name for p in prog.placeholders), _placeholder_values(prog, params, inputs)):
@@ -142,11 +145,11 @@ def backward_layer(prog: LayerProgram, mode: str, state: LayerState, copier: Cop
             env[p.name] = next(grads_in)
     with torch.no_grad(), _no_autocast(device):
         if mode == "recompute":
-            _run(prog.forward_nodes, env)
+            _run(prog.forward_nodes, env, prog.drop_refold)
         for c in state.split_at:
             env[c] = _rebuild_split(prog, c, state, env, copier, device)
         _materialise_reads(prog, env)
-        _run(prog.backward_nodes, env)
+        _run(prog.backward_nodes, env, prog.drop_backward)
     flat = pytree.tree_leaves(_output_nodes(prog))
     grads = [env[n.name] if isinstance(n, fx.Node) else None for n in flat[prog.num_outputs:]]
     return grads

@@ -50,6 +50,10 @@ class LayerProgram:
     grad_input_pos: list[int]              # indices (into the flat tensor inputs) needing grad
     node: dict[str, fx.Node] = field(default_factory=dict)
     recompute_order: dict[str, list[str]] = field(default_factory=dict)
+    # node name -> values to drop once it has run (each value right after its last use)
+    drop_forward: dict[str, list[str]] = field(default_factory=dict)
+    drop_refold: dict[str, list[str]] = field(default_factory=dict)   # forward re-run in backward
+    drop_backward: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def forward_nodes(self) -> list[fx.Node]:
@@ -108,7 +112,34 @@ def build_program(layer: torch.nn.Module, args: tuple, kwargs: dict, plan_layer:
     for c, h in handling.items():
         if h.how == "split":
             prog.recompute_order[c] = _ancestry(prog, c)
+    out = pytree.tree_leaves(next(n for n in tr.gm.graph.nodes if n.op == "output").args[0])
+    names = {p.name for p in placeholders}
+    prog.drop_forward = release_after(
+        tr.forward_nodes, names | set(handling) | {n.name for n in out[:tr.num_outputs]})
+    prog.drop_refold = release_after(tr.forward_nodes, names | set(handling) | set(read))
+    prog.drop_backward = release_after(
+        tr.backward_nodes, {n.name for n in out[tr.num_outputs:] if isinstance(n, fx.Node)})
     return prog
+
+
+def release_after(nodes: list[fx.Node], keep: set[str]) -> dict[str, list[str]]:
+    """For each node, the values (other than ``keep``) whose last use among ``nodes`` it is.
+
+    Replaying a graph while holding every value until its end would keep a layer's whole
+    forward alive at once; dropping each value after its last use gives the live set that the
+    profile's request trace (and so the plan) assumes.
+    """
+    last: dict[str, str] = {}
+    for n in nodes:
+        for a in pytree.tree_leaves((n.args, n.kwargs)):
+            if isinstance(a, fx.Node):
+                last[a.name] = n.name
+        last.setdefault(n.name, n.name)  # a value nobody reads goes right away
+    drops: dict[str, list[str]] = {}
+    for name, at in last.items():
+        if name not in keep:
+            drops.setdefault(at, []).append(name)
+    return drops
 
 
 def _requires_grad(tr: LayerTrace, name: str) -> bool:
