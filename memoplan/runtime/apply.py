@@ -26,6 +26,7 @@ from torch.utils import _pytree as pytree
 from memoplan.errors import MemoplanError
 from memoplan.ir import PLAN_SCHEMA, Plan
 from memoplan import jsonio
+from memoplan.runtime.arena import Arena
 from memoplan.runtime.execute import LayerState, backward_layer, forward_layer, prefetch_layer
 from memoplan.runtime.program import LayerProgram, build_program
 from memoplan.runtime.streams import Copier
@@ -49,11 +50,13 @@ def plan_from_text(text: str) -> Plan:
 
 
 class _Runner:
-    """Shared by the wrapped layers of one model: the plan, programs and the host copier."""
+    """Shared by the wrapped layers of one model: the plan, programs, host copier and arena."""
 
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: Plan, use_arena: bool | None) -> None:
         self.plan = plan
         self.copier = Copier()
+        self.use_arena = use_arena
+        self.arena: Arena | None = None
         self.programs: dict[tuple, LayerProgram] = {}
         self.calls = 0
         self.tracing = False  # while True, wrapped layers run their original forward
@@ -63,12 +66,29 @@ class _Runner:
         self.prefetched_ahead = 0  # layers whose data was prefetched during the next backward
         self.host_bytes = 0   # host copies made so far (summed over layer calls)
 
+    def arena_on(self, device: torch.device) -> Arena:
+        """The plan's arena on ``device`` (an empty one, every buffer allocated normally, when
+        the arena is off)."""
+        if self.arena is None:
+            use = self.use_arena
+            if use is None:  # see apply()
+                use = device.type != "cuda"
+            self.arena = Arena.for_plan(self.plan, device) if use else Arena({}, 0, device)
+        return self.arena
 
-def apply(model: torch.nn.Module, plan: Plan, *, debug_poison: bool = False) -> torch.nn.Module:
+
+def apply(model: torch.nn.Module, plan: Plan, *, debug_poison: bool = False,
+          arena: bool | None = None) -> torch.nn.Module:
     """Wrap every instance of ``plan.layer_class`` in ``model`` (in place; returns ``model``).
 
     ``debug_poison`` overwrites every tensor the plan drops or copies out with NaN right after
-    each layer's forward: a schedule that reads one before it is rebuilt shows as NaN gradients.
+    each layer's forward, and every arena block when it is given back: a schedule that reads
+    one too early or too late shows as NaN gradients.
+
+    ``arena``: place the runtime's own buffers (what comes back for each layer's backward) in
+    the plan's arena (``memoplan.runtime.arena``). By default on, except on a GPU: there the
+    arena pays off only with every other tensor planned too, and it reserves the plan's whole
+    ``arena_bytes``.
     """
     layers = [m for m in model.modules() if type(m).__name__ == plan.layer_class]
     if not layers:
@@ -83,7 +103,7 @@ def apply(model: torch.nn.Module, plan: Plan, *, debug_poison: bool = False) -> 
             f"This plan was solved for another layer (profile hash {plan.profile_hash}, this "
             f"model's '{plan.layer_class}' hashes to {found}: its parameters' names, shapes or "
             f"dtypes differ). Profile this model and solve a new plan.")
-    runner = _Runner(plan)
+    runner = _Runner(plan, arena)
     runner.poison = debug_poison
     for index, layer in enumerate(layers):
         _wrap(layer, index, runner)
@@ -132,7 +152,8 @@ class _LayerFunction(torch.autograd.Function):
     def forward(ctx: Any, prog: LayerProgram, mode: str, alpha: float, runner: _Runner, index: int,
                 n_inputs: int, *tensors: torch.Tensor) -> Any:
         inputs, states = list(tensors[:n_inputs]), list(tensors[n_inputs:])
-        outputs, state = forward_layer(prog, mode, alpha, runner.copier, str(index), states,
+        runner.copier.release_copied(before=index - 1)  # layer index-2's buffer is reused now
+        outputs, state = forward_layer(prog, mode, alpha, runner.copier, index, states,
                                        [t.detach() for t in inputs], poison=runner.poison)
         runner.pending[index] = state
         ctx.index = index
@@ -148,12 +169,13 @@ class _LayerFunction(torch.autograd.Function):
         state: LayerState = ctx.state
         runner: _Runner = ctx.runner
         previous = runner.pending.pop(ctx.index - 1, None)
+        arena = runner.arena_on(grad_outputs[0].device)
         if previous is not None and previous.host:  # its copies overlap this layer's backward
-            prefetch_layer(previous, runner.copier, grad_outputs[0].device)
+            prefetch_layer(previous, runner.copier, arena, grad_outputs[0].device)
             runner.prefetched_ahead += 1
         runner.pending.pop(ctx.index, None)
-        grads = backward_layer(prog, ctx.mode, state, ctx.runner.copier, ctx.states,
-                               [g.contiguous() for g in grad_outputs])
+        grads = backward_layer(prog, ctx.mode, state, runner.copier, arena, ctx.states,
+                               [g.contiguous() for g in grad_outputs], poison=runner.poison)
         ctx.runner.recomputed_tokens += state.recomputed_tokens
         ctx.state = None  # drop the host copies' references as soon as possible
         n_in = ctx.n_inputs

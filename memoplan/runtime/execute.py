@@ -11,7 +11,8 @@ only their input and re-run the whole forward.
 On a CPU, "host" copies are plain clones and the copy streams do not exist, so CI checks the
 numerics of exactly this schedule. On a GPU, copies go to pinned host buffers that are
 allocated once per (layer, tensor) and reused every step, on a device-to-host stream, and come
-back on a host-to-device stream (see ``streams.py``).
+back on a host-to-device stream (see ``streams.py``) into views of the plan's arena (see
+``arena.py``; on a CPU too, so CI runs that path).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
+from memoplan.runtime.arena import Arena, Lease, dim_order
 from memoplan.runtime.program import LayerProgram
 from memoplan.runtime.streams import Copier
 from memoplan.trace.recompute import run_on_tokens
@@ -50,17 +52,22 @@ def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
 class LayerState:
     """What one layer call keeps between its forward and its backward."""
 
-    def __init__(self) -> None:
+    def __init__(self, index: int) -> None:
+        self.index = index                             # the layer's position in the model
         self.host: dict[str, torch.Tensor] = {}        # creator -> host copy (whole or first k tokens)
         self.device: dict[str, torch.Tensor] = {}      # kept on the device (keep mode, shared)
         self.split_at: dict[str, int] = {}             # creator -> k (tokens copied)
         self.seq: dict[str, int] = {}                  # creator -> its full token count
+        self.axis: dict[str, int] = {}                 # creator -> its token axis
+        self.shape: dict[str, tuple[torch.Size, torch.dtype]] = {}  # creator -> full shape, dtype
         self.layout: dict[str, list[int]] = {}         # creator -> dim order, outermost first
         self.recomputed_tokens = 0                     # summed over rebuilt tensors
         self.fetched: dict[str, tuple] = {}            # creator -> (device tensor, event)
+        self.full: dict[str, torch.Tensor] = {}        # split creator -> its buffer for backward
+        self.lease: Lease | None = None                # the arena block those buffers live in
 
 
-def forward_layer(prog: LayerProgram, mode: str, alpha: float, copier: Copier, key: str,
+def forward_layer(prog: LayerProgram, mode: str, alpha: float, copier: Copier, index: int,
                   params: list[torch.Tensor], inputs: list[torch.Tensor], *,
                   poison: bool = False) -> tuple[list[torch.Tensor], LayerState]:
     """Run the forward graph; return the outputs and the kept state.
@@ -74,7 +81,8 @@ def forward_layer(prog: LayerProgram, mode: str, alpha: float, copier: Copier, k
     with torch.no_grad(), _no_autocast(device):
         _run(prog.forward_nodes, env, prog.drop_forward)
     outputs = [env[n.name] for n in _output_nodes(prog)[: prog.num_outputs]]
-    state = LayerState()
+    state = LayerState(index)
+    key = str(index)
     for name, p in zip((p.name for p in prog.placeholders), _placeholder_values(prog, params, inputs)):
         if prog.roles[name] == "shared":
             state.device[name] = p
@@ -88,18 +96,21 @@ def forward_layer(prog: LayerProgram, mode: str, alpha: float, copier: Copier, k
             if prog.roles.get(c) == "primary":
                 state.device[c] = value
         elif h.how == "whole":
-            state.host[c] = copier.to_host(f"{key}/{c}", value)
+            state.layout[c] = dim_order(value)
+            state.host[c] = copier.to_host(f"{key}/{c}", value, state.layout[c])
         else:
             seq = value.shape[h.axis]
             k = int(alpha * seq)
-            state.split_at[c], state.seq[c] = k, seq
-            state.layout[c] = sorted(range(value.dim()), key=lambda d: (-value.stride(d), d))
+            state.split_at[c], state.seq[c], state.axis[c] = k, seq, h.axis
+            state.shape[c] = (value.shape, value.dtype)
+            state.layout[c] = dim_order(value)
             if k:
-                state.host[c] = copier.to_host(f"{key}/{c}", value.narrow(h.axis, 0, k))
+                state.host[c] = copier.to_host(f"{key}/{c}", value.narrow(h.axis, 0, k),
+                                               state.layout[c])
     if mode == "recompute":  # the input must stay even if backward does not read it
         primary = next(p.name for p in prog.placeholders if prog.roles[p.name] == "primary")
         state.device.setdefault(primary, env[primary])
-    copier.finish_forward()
+    copier.finish_forward(index)
     if poison and mode != "keep":
         _poison(prog, env, outputs, state)
     return outputs, state
@@ -118,20 +129,39 @@ def _poison(prog: LayerProgram, env: dict[str, Any], outputs: list[torch.Tensor]
             v.fill_(float("nan"))
 
 
-def prefetch_layer(state: LayerState, copier: Copier, device: torch.device) -> None:
-    """Start copying a layer's host copies back (idempotent). Called for layer i while layer
-    i+1 runs its backward, and again, as a no-op or to catch up, when layer i's backward starts."""
-    for c, t in state.host.items():
-        if c not in state.fetched:
-            state.fetched[c] = copier.prefetch(t, device)
+def prefetch_layer(state: LayerState, copier: Copier, arena: Arena, device: torch.device) -> None:
+    """Start copying a layer's host copies back into its arena block (idempotent). Called for
+    layer i while layer i+1 runs its backward, and again, as a no-op or to catch up, when layer
+    i's backward starts. A split tensor's full buffer is laid out like the forward's tensor; its
+    first k tokens are copied into it here, the others are recomputed into it in backward."""
+    if state.lease is None:
+        state.lease = arena.lease(f"prefetch[{state.index}]")
+    for c, host in state.host.items():
+        if c in state.fetched:
+            continue
+        if c in state.split_at:
+            shape, dtype = state.shape[c]
+            full = state.full[c] = state.lease.empty(shape, dtype, state.layout[c])
+            dest = full.narrow(state.axis[c], 0, state.split_at[c])
+        else:
+            dest = state.lease.empty(host.shape, host.dtype, state.layout[c])
+        state.fetched[c] = copier.prefetch(host, dest)
+    for c in state.split_at:  # tensors with no token copied (alpha 0) still need a buffer
+        if c not in state.full:
+            shape, dtype = state.shape[c]
+            state.full[c] = state.lease.empty(shape, dtype, state.layout[c])
 
 
-def backward_layer(prog: LayerProgram, mode: str, state: LayerState, copier: Copier,
-                   params: list[torch.Tensor], grad_outputs: list[torch.Tensor]) -> list[torch.Tensor | None]:
-    """Rebuild what backward reads, run the backward graph; grads of (inputs, params)."""
+def backward_layer(prog: LayerProgram, mode: str, state: LayerState, copier: Copier, arena: Arena,
+                   params: list[torch.Tensor], grad_outputs: list[torch.Tensor], *,
+                   poison: bool = False) -> list[torch.Tensor | None]:
+    """Rebuild what backward reads, run the backward graph; grads of (inputs, params).
+
+    ``poison`` (debug): fill the layer's arena block with NaN when it is given back."""
     device = grad_outputs[0].device
     env: dict[str, Any] = dict(state.device)
-    prefetch_layer(state, copier, device)
+    prefetch_layer(state, copier, arena, device)
+    copier.release_copied()  # every forward copy-out has finished before memory is reused
     for c in state.host:
         if c not in state.split_at:
             env[c] = copier.ready(state.fetched[c])
@@ -152,24 +182,28 @@ def backward_layer(prog: LayerProgram, mode: str, state: LayerState, copier: Cop
         _run(prog.backward_nodes, env, prog.drop_backward)
     flat = pytree.tree_leaves(_output_nodes(prog))
     grads = [env[n.name] if isinstance(n, fx.Node) else None for n in flat[prog.num_outputs:]]
+    env.clear()
+    # a gradient must not point into the block that is given back now
+    grads = [g.clone() if isinstance(g, torch.Tensor) and arena.holds(g) else g for g in grads]
+    if state.lease is not None:
+        state.lease.release(poison=poison)
+        state.lease = None
+    state.full.clear()
     return grads
 
 
 def _rebuild_split(prog: LayerProgram, c: str, state: LayerState, env: dict[str, Any],
                    copier: Copier, device: torch.device) -> torch.Tensor:
-    """The full tensor ``c``: its first k tokens from host, the others recomputed."""
-    axis = prog.handling[c].axis
-    k, seq = state.split_at[c], state.seq[c]
-    parts = []
+    """The full tensor ``c`` in its buffer: first k tokens from host, the others recomputed."""
+    axis, k, seq = state.axis[c], state.split_at[c], state.seq[c]
+    full = state.full[c]
     if k:
-        parts.append(copier.ready(state.fetched[c]))
+        copier.ready(state.fetched[c])
     if k < seq:
         tokens = torch.arange(k, seq, device=device)
-        parts.append(_recompute_tokens(prog, c, env, tokens, seq))
+        full.narrow(axis, k, seq - k).copy_(_recompute_tokens(prog, c, env, tokens, seq))
         state.recomputed_tokens += seq - k
-    order = state.layout[c]
-    joined = torch.cat([p.permute(order) for p in parts], dim=order.index(axis)).contiguous()
-    return joined.permute([order.index(d) for d in range(len(order))])
+    return full
 
 
 def _recompute_tokens(prog: LayerProgram, c: str, env: dict[str, Any], tokens: torch.Tensor,

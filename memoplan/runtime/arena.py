@@ -1,0 +1,107 @@
+"""The plan's arena: one preallocated buffer; the runtime's own buffers are views into it.
+
+The level-2 plan gives every per-layer block of the iteration an offset in one arena of
+``plan.arena_bytes``. The runtime allocates, per layer, the buffers that layer ``i``'s saved
+tensors come back into before its backward (the ``prefetch[i]`` block: copies from the host,
+and the full token range of each split tensor, whose dropped tokens are recomputed into it).
+Those are views into the arena at the block's offset, laid out one after the other, so every
+step places them at the same addresses and nothing fragments.
+
+A block is leased for the time the plan gives it (from the prefetch during layer ``i+1``'s
+backward to the end of layer ``i``'s backward) and its views are handed out from the lease.
+Safety does not rest on the plan being right: a lease whose address range overlaps a live
+lease is refused, and a view that does not fit its block (a longer sequence than planned) is an
+ordinary allocation; both are counted (``Arena.misses``) and the run stays correct.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ALIGN = 512  # bytes; offsets inside a block are rounded up to this
+
+
+def dim_order(t: torch.Tensor) -> list[int]:
+    """``t``'s dims in memory order, outermost first (what a buffer must copy for the graph's
+    views of it to stay valid)."""
+    return sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
+
+
+def empty_laid_out(shape: tuple[int, ...], dtype: torch.dtype, order: list[int],
+                   **kw) -> torch.Tensor:
+    """An uninitialised tensor of ``shape`` whose dims lie in memory in ``order``."""
+    flat = torch.empty([shape[d] for d in order], dtype=dtype, **kw)
+    return flat.permute([order.index(d) for d in range(len(shape))])
+
+
+class Lease:
+    """One block of the arena, held by one layer call; hands out consecutive views."""
+
+    def __init__(self, arena: Arena, name: str, start: int, size: int) -> None:
+        self.arena, self.name, self.start, self.size = arena, name, start, size
+        self.used = 0
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype,
+              order: list[int] | None = None) -> torch.Tensor:
+        """An uninitialised tensor of ``shape`` in the block, its dims laid out in memory in
+        ``order`` (outermost first; default: row-major). Falls back to an ordinary allocation
+        when the block is full."""
+        order = list(order) if order is not None else list(range(len(shape)))
+        laid = [shape[d] for d in order]
+        nbytes = torch.Size(laid).numel() * dtype.itemsize
+        at = -(-self.used // ALIGN) * ALIGN
+        if at + nbytes > self.size:
+            self.arena.misses += 1
+            return empty_laid_out(shape, dtype, order, device=self.arena.device)
+        self.used = at + nbytes
+        self.arena.hits += 1
+        raw = self.arena.buffer[self.start + at: self.start + at + nbytes]
+        return raw.view(dtype).view(laid).permute([order.index(d) for d in range(len(shape))])
+
+    def release(self, *, poison: bool = False) -> None:
+        """Give the block back (``poison``: fill it with NaN bytes first, so that a tensor still
+        read after its release shows as NaN gradients)."""
+        if poison and self.used:
+            self.arena.buffer[self.start: self.start + self.used].fill_(0xFF)
+        if self.arena.leases.get(self.name) is self:
+            del self.arena.leases[self.name]
+
+
+class Arena:
+    """The arena of one model's plan on one device (allocated at the first lease)."""
+
+    def __init__(self, blocks: dict[str, tuple[int, int]], nbytes: int,
+                 device: torch.device) -> None:
+        self.blocks = blocks      # block name -> (offset, size)
+        self.nbytes = nbytes
+        self.device = device
+        self.buffer: torch.Tensor | None = None
+        self.leases: dict[str, Lease] = {}
+        self.hits = 0             # views placed in the arena
+        self.misses = 0           # allocations that fell back (block full, busy or unplanned)
+
+    @classmethod
+    def for_plan(cls, plan, device: torch.device) -> Arena:
+        it = plan.levels["iteration"]
+        blocks = {name: (it.offsets[name], it.sizes[name]) for name in it.offsets}
+        return cls(blocks, plan.arena_bytes, device)
+
+    def lease(self, name: str) -> Lease:
+        """Lease block ``name``; an unplanned block, or one whose addresses overlap a live lease
+        (two forwards of a layer before its backward), gives an empty lease (every view falls
+        back)."""
+        if self.buffer is None:
+            self.buffer = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)
+        start, size = self.blocks.get(name, (0, 0))
+        if name in self.leases or any(start < l.start + l.size and l.start < start + size
+                                      for l in self.leases.values()):
+            start, size = 0, 0
+        lease = Lease(self, name, start, size)
+        if size:
+            self.leases[name] = lease
+        return lease
+
+    def holds(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` lives in the arena."""
+        return self.buffer is not None and \
+            t.untyped_storage().data_ptr() == self.buffer.untyped_storage().data_ptr()
