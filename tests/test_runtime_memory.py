@@ -153,3 +153,64 @@ def test_two_forwards_then_two_backwards():
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-9, msg=name)
     assert model._memoplan_runner.arena.misses > 0
     assert not model._memoplan_runner.arena.leases
+
+
+class FakePlanner:
+    """Stands in for the planned allocator (which serves CUDA only): records what the runtime
+    asks of it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+        self.reserved: dict[int, int] = {}
+
+    def set_arena(self, ptr, nbytes):
+        self.calls.append(("arena", ptr, nbytes))
+
+    def begin(self, stream, slots, align=512):
+        self.calls.append(("begin", len(slots)))
+
+    def end(self):
+        self.calls.append(("end",))
+
+    def reserve(self, offset, nbytes):
+        self.reserved[offset] = nbytes
+        return True
+
+    def unreserve(self, offset):
+        del self.reserved[offset]
+
+    def stats(self):
+        return {"planned": 0}
+
+
+def test_the_runtime_drives_the_planned_allocator_phases():
+    from memoplan import runtime
+    from memoplan.runtime import allocator
+
+    prof, plan, model, layer, args, kwargs = _one_layer("llama")
+    runner = model._memoplan_runner
+    runner.arena = Arena.for_plan(plan, torch.device("cpu"))
+    fake = runner.arena.planner = FakePlanner()
+    inputs = _llama_inputs()
+    model(*inputs).float().pow(2).mean().backward()
+    n = len(plan.layers)
+    mallocs = {ph: sum(r[0] == "malloc" for r in plan.layer["requests"][ph])
+               for ph in ("forward", "backward")}
+    assert fake.calls[0] == ("arena", runner.arena.buffer.data_ptr(), plan.arena_bytes)
+    phases = [c for c in fake.calls[1:]]
+    # one forward phase per layer, then one backward phase per layer, each begun and ended
+    assert phases == [("begin", mallocs["forward"]), ("end",)] * n + \
+        [("begin", mallocs["backward"]), ("end",)] * n
+    assert fake.reserved == {}  # every prefetch block reserved was given back
+    for i in range(n):
+        slots = allocator.phase_slots(plan, "forward", i)
+        assert len(slots) == mallocs["forward"] and any(o >= 0 for _, o in slots)
+    s = runtime.stats(model)
+    assert s["layer_calls"] == n and s["arena_views"] > 0 and s["allocator"] == {"planned": 0}
+
+
+def _llama_inputs():
+    spec = importlib.util.spec_from_file_location("mem_llama_in", EXAMPLES / "llama" / "model.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.example_inputs(SEQ)

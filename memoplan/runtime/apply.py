@@ -15,8 +15,10 @@ any sequence length runs, also one that the GPUs do not split evenly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from torch.utils import _pytree as pytree
 from memoplan.errors import MemoplanError
 from memoplan.ir import PLAN_SCHEMA, Plan
 from memoplan import jsonio
+from memoplan.runtime import allocator
 from memoplan.runtime.arena import Arena
 from memoplan.runtime.execute import LayerState, backward_layer, forward_layer, prefetch_layer
 from memoplan.runtime.program import LayerProgram, build_program
@@ -57,6 +60,7 @@ class _Runner:
         self.copier = Copier()
         self.use_arena = use_arena
         self.arena: Arena | None = None
+        self.slots: dict[tuple[str, int], list[tuple[int, int]]] = {}  # planned allocator script
         self.programs: dict[tuple, LayerProgram] = {}
         self.calls = 0
         self.tracing = False  # while True, wrapped layers run their original forward
@@ -70,11 +74,54 @@ class _Runner:
         """The plan's arena on ``device`` (an empty one, every buffer allocated normally, when
         the arena is off)."""
         if self.arena is None:
+            planner = allocator.installed() if device.type == "cuda" else None
             use = self.use_arena
             if use is None:  # see apply()
-                use = device.type != "cuda"
+                use = device.type != "cuda" or planner is not None
             self.arena = Arena.for_plan(self.plan, device) if use else Arena({}, 0, device)
+            self.arena.planner = planner if use else None
         return self.arena
+
+    @contextlib.contextmanager
+    def phase(self, phase: str, index: int, device: torch.device) -> Iterator[None]:
+        """Layer ``index``'s ``phase`` replays the plan's addresses (with the planned allocator
+        installed; otherwise nothing happens)."""
+        arena = self.arena_on(device)
+        planner = arena.planner
+        if planner is None:
+            yield
+            return
+        arena.start()
+        if (phase, index) not in self.slots:
+            self.slots[phase, index] = allocator.phase_slots(self.plan, phase, index)
+        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+        planner.begin(stream, self.slots[phase, index],
+                      align=int(self.plan.config.get("align", 512)))
+        try:
+            yield
+        finally:
+            planner.end()
+
+
+def stats(model: torch.nn.Module) -> dict[str, Any]:
+    """What the runtime did so far for ``model`` (a model passed to :func:`apply`): layer calls,
+    host bytes copied, tokens recomputed, layers prefetched ahead, pinned host bytes, arena
+    views placed / fallen back, and the planned allocator's counters when it is installed
+    (``planned``, ``shifted``, ``unplanned``: requests that left the plan, ``outside``)."""
+    runner = getattr(model, "_memoplan_runner", None)
+    if runner is None:
+        raise MemoplanError("This model was not wrapped by memoplan.runtime.apply().")
+    out: dict[str, Any] = {
+        "layer_calls": runner.calls, "host_bytes": runner.host_bytes,
+        "recomputed_tokens": runner.recomputed_tokens, "prefetched_ahead": runner.prefetched_ahead,
+        "pinned_bytes": runner.copier.pinned_bytes,
+        "arena_bytes": runner.arena.nbytes if runner.arena else 0,
+        "arena_views": runner.arena.hits if runner.arena else 0,
+        "arena_fallbacks": runner.arena.misses if runner.arena else 0}
+    planner = runner.arena.planner if runner.arena else None
+    if planner is not None:
+        out["allocator"] = planner.stats()
+    return out
 
 
 def apply(model: torch.nn.Module, plan: Plan, *, debug_poison: bool = False,
@@ -86,9 +133,9 @@ def apply(model: torch.nn.Module, plan: Plan, *, debug_poison: bool = False,
     one too early or too late shows as NaN gradients.
 
     ``arena``: place the runtime's own buffers (what comes back for each layer's backward) in
-    the plan's arena (``memoplan.runtime.arena``). By default on, except on a GPU: there the
-    arena pays off only with every other tensor planned too, and it reserves the plan's whole
-    ``arena_bytes``.
+    the plan's arena (``memoplan.runtime.arena``). By default on, except on a GPU without the
+    planned allocator (``install_allocator()``): the arena reserves the plan's whole
+    ``arena_bytes`` and pays off only when the layers' transients are planned into it too.
     """
     layers = [m for m in model.modules() if type(m).__name__ == plan.layer_class]
     if not layers:
@@ -153,8 +200,9 @@ class _LayerFunction(torch.autograd.Function):
                 n_inputs: int, *tensors: torch.Tensor) -> Any:
         inputs, states = list(tensors[:n_inputs]), list(tensors[n_inputs:])
         runner.copier.release_copied(before=index - 1)  # layer index-2's buffer is reused now
-        outputs, state = forward_layer(prog, mode, alpha, runner.copier, index, states,
-                                       [t.detach() for t in inputs], poison=runner.poison)
+        with runner.phase("forward", index, inputs[0].device):
+            outputs, state = forward_layer(prog, mode, alpha, runner.copier, index, states,
+                                           [t.detach() for t in inputs], poison=runner.poison)
         runner.pending[index] = state
         ctx.index = index
         runner.host_bytes += sum(t.numel() * t.element_size() for t in state.host.values())
@@ -175,7 +223,8 @@ class _LayerFunction(torch.autograd.Function):
             runner.prefetched_ahead += 1
         runner.pending.pop(ctx.index, None)
         grads = backward_layer(prog, ctx.mode, state, runner.copier, arena, ctx.states,
-                               [g.contiguous() for g in grad_outputs], poison=runner.poison)
+                               [g.contiguous() for g in grad_outputs], poison=runner.poison,
+                               planned=lambda: runner.phase("backward", ctx.index, arena.device))
         ctx.runner.recomputed_tokens += state.recomputed_tokens
         ctx.state = None  # drop the host copies' references as soon as possible
         n_in = ctx.n_inputs

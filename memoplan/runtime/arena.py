@@ -10,7 +10,7 @@ step places them at the same addresses and nothing fragments.
 A block is leased for the time the plan gives it (from the prefetch during layer ``i+1``'s
 backward to the end of layer ``i``'s backward) and its views are handed out from the lease.
 Safety does not rest on the plan being right: a lease whose address range overlaps a live
-lease is refused, and a view that does not fit its block (a longer sequence than planned) is an
+lease (or, with the planned allocator, a live planned tensor) is refused, and a view that does not fit its block (a longer sequence than planned) is an
 ordinary allocation; both are counted (``Arena.misses``) and the run stays correct.
 """
 
@@ -65,6 +65,8 @@ class Lease:
             self.arena.buffer[self.start: self.start + self.used].fill_(0xFF)
         if self.arena.leases.get(self.name) is self:
             del self.arena.leases[self.name]
+            if self.arena.planner is not None:
+                self.arena.planner.unreserve(self.start)
 
 
 class Arena:
@@ -79,6 +81,7 @@ class Arena:
         self.leases: dict[str, Lease] = {}
         self.hits = 0             # views placed in the arena
         self.misses = 0           # allocations that fell back (block full, busy or unplanned)
+        self.planner = None       # the planned allocator (allocator.py), when installed
 
     @classmethod
     def for_plan(cls, plan, device: torch.device) -> Arena:
@@ -86,16 +89,24 @@ class Arena:
         blocks = {name: (it.offsets[name], it.sizes[name]) for name in it.offsets}
         return cls(blocks, plan.arena_bytes, device)
 
+    def start(self) -> None:
+        """Allocate the arena (once) and hand it to the planned allocator, if any."""
+        if self.buffer is None:
+            self.buffer = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)
+            if self.planner is not None:  # the layers' transients go into the same arena
+                self.planner.set_arena(self.buffer.data_ptr(), self.nbytes)
+
     def lease(self, name: str) -> Lease:
         """Lease block ``name``; an unplanned block, or one whose addresses overlap a live lease
         (two forwards of a layer before its backward), gives an empty lease (every view falls
         back)."""
-        if self.buffer is None:
-            self.buffer = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)
+        self.start()
         start, size = self.blocks.get(name, (0, 0))
         if name in self.leases or any(start < l.start + l.size and l.start < start + size
                                       for l in self.leases.values()):
             start, size = 0, 0
+        if size and self.planner is not None and not self.planner.reserve(start, size):
+            start, size = 0, 0  # a planned tensor still lives there
         lease = Lease(self, name, start, size)
         if size:
             self.leases[name] = lease

@@ -18,6 +18,7 @@ back on a host-to-device stream (see ``streams.py``) into views of the plan's ar
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -154,8 +155,11 @@ def prefetch_layer(state: LayerState, copier: Copier, arena: Arena, device: torc
 
 def backward_layer(prog: LayerProgram, mode: str, state: LayerState, copier: Copier, arena: Arena,
                    params: list[torch.Tensor], grad_outputs: list[torch.Tensor], *,
-                   poison: bool = False) -> list[torch.Tensor | None]:
-    """Rebuild what backward reads, run the backward graph; grads of (inputs, params).
+                   poison: bool = False,
+                   planned: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                   ) -> list[torch.Tensor | None]:
+    """Rebuild what backward reads, run the backward graph (inside ``planned()``: the planned
+    allocator's phase); grads of (inputs, params).
 
     ``poison`` (debug): fill the layer's arena block with NaN when it is given back."""
     device = grad_outputs[0].device
@@ -179,7 +183,8 @@ def backward_layer(prog: LayerProgram, mode: str, state: LayerState, copier: Cop
         for c in state.split_at:
             env[c] = _rebuild_split(prog, c, state, env, copier, device)
         _materialise_reads(prog, env)
-        _run(prog.backward_nodes, env, prog.drop_backward)
+        with planned():
+            _run(prog.backward_nodes, env, prog.drop_backward)
     flat = pytree.tree_leaves(_output_nodes(prog))
     grads = [env[n.name] if isinstance(n, fx.Node) else None for n in flat[prog.num_outputs:]]
     env.clear()

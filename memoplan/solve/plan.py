@@ -8,7 +8,7 @@ from memoplan.errors import InfeasibleError
 from memoplan.ir import Plan, Prediction, Profile
 from memoplan.solve.config import SolveConfig
 from memoplan.solve.levels import head_bytes, level1, level2
-from memoplan.solve.swap import decide_swaps, predict
+from memoplan.solve.swap import decide_swaps, per_gpu_bytes, predict
 from memoplan.units import fmt_bytes
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
@@ -69,14 +69,22 @@ def solve_plan(profile: Profile, cfg: SolveConfig, *,
                 "fallback_used": any(s == "greedy-fallback" for s in statuses.values()),
                 "alpha_forced": decision.forced, "alpha_pcie": decision.alpha_pcie,
                 "alpha_host": decision.alpha_host, "host_fallback": decision.fallback},
-        layer=runtime_layer(profile), notes=tuple(notes))
+        layer=runtime_layer(profile, cfg), notes=tuple(notes))
 
 
-def runtime_layer(profile: Profile) -> dict:
-    """The part of the profile that the runtime reads: how each saved tensor is handled and the
-    forward graph it checks its own trace against."""
+def runtime_layer(profile: Profile, cfg: SolveConfig) -> dict:
+    """The part of the profile that the runtime reads: how each saved tensor is handled, the
+    forward graph it checks its own trace against, and the request order of a forward and a
+    backward at the planned length (one GPU's bytes), which the planned allocator replays."""
     full = profile.to_json()["layer"]
+    sized = lambda reqs: [[op, tid, per_gpu_bytes(tensors[tid].law.at(cfg.seq), cfg)]  # noqa: E731
+                          for op, tid, _ in reqs]
+    tensors = {t.id: t for t in profile.layer.tensors}
     return {"saved": [{k: t[k] for k in ("name", "kind", "token_wise", "seq_axis")}
                       for t in full["saved"]],
             "nodes": full["nodes"], "segments": full["segments"],
-            "trace_seq": profile.seq_lens[0]}  # the length the nodes' shapes were traced at
+            "trace_seq": profile.seq_lens[0],  # the length the nodes' shapes were traced at
+            "requests": {"forward": sized(profile.layer.requests_forward),
+                         "backward": sized(profile.layer.requests_backward)},
+            "skeletal": sorted(t.id for t in profile.layer.tensors if t.role == "skeletal"),
+            "outputs": sorted(t.id for t in profile.layer.tensors if t.role == "output")}
