@@ -185,6 +185,6 @@ def test_build_and_install_errors_are_clear(monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(MemoplanError, match="no CUDA device"):
             allocator.install_allocator()
-        monkeypatch.setattr(allocator, "cuda_include_dirs", lambda: [])
+        monkeypatch.setattr(allocator, "cuda_dirs", lambda: ([], []))
         with pytest.raises(MemoplanError, match="CUDA runtime headers"):
             allocator.build()

@@ -250,6 +250,22 @@ def test_solver_time_limit_still_returns_a_checked_plan(llama7b, tmp_path):
         assert lp.peak <= lp.greedy_peak
 
 
+def test_without_python_mip_the_plan_is_greedy_checked_and_says_so(llama7b, monkeypatch):
+    """Where python-mip cannot be imported (no CBC build for the platform, or the GPU machine
+    that has none), solve still gives a checked plan, from greedy-by-size, and says so."""
+    from memoplan.solve import mip_dsa, plan as plan_module
+
+    for module in (mip_dsa, plan_module):
+        monkeypatch.setattr(module, "MIP_MISSING", "ModuleNotFoundError: No module named 'mip'")
+    monkeypatch.setattr(mip_dsa, "mip", None)
+    plan = solve_plan(llama7b, _cfg(32 * 1024, time_limit=5, state_bytes_per_param=4))
+    assert plan.solver["backend"] == "greedy (no python-mip)"
+    assert any("python-mip could not be imported" in n for n in plan.notes)
+    for lp in plan.levels.values():
+        assert lp.status in ("optimal", "greedy-fallback")
+        assert lp.peak == lp.greedy_peak
+
+
 def test_json_output_for_scripts(cli, tiny_file, tmp_path):
     out = tmp_path / "plan.json"
     r = cli("solve", tiny_file, "--seq", "64K", "--time-limit", "2", "--json", "-o", out)

@@ -51,17 +51,25 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def cuda_include_dirs() -> list[str]:
-    """Folders that may hold ``cuda_runtime_api.h``: CUDA_HOME, /usr/local/cuda, pip's nvidia
-    packages."""
+def cuda_dirs() -> tuple[list[str], list[str]]:
+    """Include folders (those of the CUDA toolkit, or of pip's nvidia packages) and the
+    ``libcudart`` to link, or ``([], [])`` where no ``cuda_runtime_api.h`` is found."""
     from torch.utils import cpp_extension
 
     homes = [cpp_extension.CUDA_HOME, os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
-    dirs = [os.path.join(h, "include") for h in homes if h]
     site = Path(torch.__file__).resolve().parent.parent
-    dirs += glob.glob(str(site / "nvidia" / "cuda_runtime" / "include"))
-    dirs += glob.glob(str(site / "nvidia" / "cu*" / "include"))
-    return [d for d in dirs if os.path.exists(os.path.join(d, "cuda_runtime_api.h"))]
+    for incs in ([os.path.join(h, "include")] for h in homes if h):
+        if os.path.exists(os.path.join(incs[0], "cuda_runtime_api.h")):
+            break
+    else:  # pip's layout: nvidia/cuda_runtime/include, with crt/ under nvidia/cuda_nvcc/include
+        incs = sorted(glob.glob(str(site / "nvidia" / "*" / "include")))
+        if not any(os.path.exists(os.path.join(d, "cuda_runtime_api.h")) for d in incs):
+            return [], []
+    libs = []
+    for inc in incs:
+        for sub in ("lib64", "lib", os.path.join("lib", "x64")):
+            libs += sorted(glob.glob(os.path.join(os.path.dirname(inc), sub, "libcudart.so*")))
+    return incs, libs[:1]
 
 
 def build(*, host_backend: bool = False) -> Path:
@@ -78,7 +86,7 @@ def build(*, host_backend: bool = False) -> Path:
     if host_backend:
         flags.append("-DMEMOPLAN_HOST_BACKEND")
     else:
-        incs = cuda_include_dirs()
+        incs, cudart = cuda_dirs()
         if not incs:
             raise MemoplanError(
                 "memoplan's planned allocator needs the CUDA runtime headers "
@@ -86,10 +94,10 @@ def build(*, host_backend: bool = False) -> Path:
                 "/usr/local/cuda or the nvidia pip packages. Install the CUDA toolkit headers "
                 "or set CUDA_HOME, or run without install_allocator().")
         flags += [f"-I{d}" for d in incs]
-        for inc in incs:
-            base = Path(inc).parent
-            libs += [f"-L{base / sub}" for sub in ("lib64", "lib") if (base / sub).exists()]
-        libs.append("-lcudart")
+        if cudart:
+            libs += [cudart[0], f"-Wl,-rpath,{os.path.dirname(cudart[0])}"]
+        else:
+            libs.append("-lcudart")
     text = SOURCE.read_bytes()
     tag = hashlib.sha256(text + " ".join(flags + libs).encode()).hexdigest()[:16]
     out = cache_dir() / f"plan_allocator_{'host' if host_backend else 'cuda'}_{tag}.so"
@@ -127,6 +135,8 @@ class PlanAllocator:
         lib.mp_stats.argtypes = [ctypes.POINTER(i64)]
         lib.mp_live_ranges.argtypes = [ctypes.POINTER(i64), i64]
         lib.mp_live_ranges.restype = i64
+        lib.mp_pool_reserved_high.argtypes = [ctypes.c_int]
+        lib.mp_pool_reserved_high.restype = i64
         self.missed = 0  # planned requests that phases never saw
 
     def set_arena(self, ptr: int, nbytes: int) -> None:
@@ -153,6 +163,13 @@ class PlanAllocator:
         out = (ctypes.c_int64 * len(STATS))()
         self.lib.mp_stats(out)
         return {**dict(zip(STATS, out)), "missed": self.missed}
+
+    def reset_peaks(self) -> None:
+        self.lib.mp_reset_peaks()
+
+    def reserved_high(self, device: int = 0) -> int:
+        """The CUDA pool's reserved-bytes high-water mark (-1 where unknown)."""
+        return int(self.lib.mp_pool_reserved_high(device))
 
     def live_ranges(self) -> list[tuple[int, int]]:
         cap = 4096

@@ -36,7 +36,12 @@ from dataclasses import dataclass
 from functools import reduce
 from itertools import accumulate
 
-import mip
+try:
+    import mip
+    MIP_MISSING = ""
+except Exception as e:  # noqa: BLE001  (no wheel or no CBC binary for this platform)
+    mip = None
+    MIP_MISSING = f"{type(e).__name__}: {e}"
 
 from memoplan.errors import MemoplanError
 from memoplan.solve.dsa import (
@@ -123,6 +128,10 @@ def solve_mip(
         on_progress(_peak_bytes(blocks, start.offsets, problem.unit), problem.bound * problem.unit)
     if start.peak <= problem.bound:
         return _placement(blocks, problem, start.offsets, start.method, "optimal", 0.0, began)
+    if mip is None:
+        log.warning("solve_mip: python-mip cannot be imported (%s); keeping the start plan",
+                    MIP_MISSING)
+        return _fallback(blocks, problem, start, began)
     built = _build_model(problem, start, deadline=began + time_limit)
     remaining = began + time_limit - time.perf_counter()
     if built is None or remaining <= 0:

@@ -8,6 +8,7 @@ from memoplan.errors import InfeasibleError
 from memoplan.ir import Plan, Prediction, Profile
 from memoplan.solve.config import SolveConfig
 from memoplan.solve.levels import head_bytes, level1, level2
+from memoplan.solve.mip_dsa import MIP_MISSING
 from memoplan.solve.swap import decide_swaps, per_gpu_bytes, predict
 from memoplan.units import fmt_bytes
 
@@ -52,6 +53,9 @@ def solve_plan(profile: Profile, cfg: SolveConfig, *,
     }})
     statuses = {k: v.status for k, v in (("forward", fwd), ("backward", bwd), ("iteration", it))}
     notes = []
+    if MIP_MISSING and any(s == "greedy-fallback" for s in statuses.values()):
+        notes.append(f"python-mip could not be imported ({MIP_MISSING}): addresses come from "
+                     f"greedy-by-size, checked but not optimised. Install python-mip for the MIP.")
     if decision.fallback:
         notes.append(decision.fallback)
     if decision.alpha_pcie < 0:
@@ -63,7 +67,8 @@ def solve_plan(profile: Profile, cfg: SolveConfig, *,
         layers=decision.layers, arena_bytes=it.peak, lower_bound_bytes=it.lower_bound,
         state_bytes=states, levels={"forward": fwd, "backward": bwd, "iteration": it},
         predicted=predicted,
-        solver={"backend": "python-mip/CBC", "status": statuses,
+        solver={"backend": "greedy (no python-mip)" if MIP_MISSING else "python-mip/CBC",
+                "status": statuses,
                 "gap": {"forward": fwd.gap, "backward": bwd.gap, "iteration": it.gap},
                 "seconds": fwd.seconds + bwd.seconds + it.seconds,
                 "fallback_used": any(s == "greedy-fallback" for s in statuses.values()),

@@ -27,16 +27,35 @@
 
 #ifdef MEMOPLAN_HOST_BACKEND
 typedef void* cudaStream_t;
-static void* pool_alloc(size_t n, cudaStream_t) { return std::malloc(n); }
+static void* pool_alloc(size_t n, int, cudaStream_t) { return std::malloc(n); }
 static void pool_free(void* p, cudaStream_t) { std::free(p); }
+static int64_t pool_reserved_high(int) { return -1; }
 #else
 #include <cuda_runtime_api.h>
-static void* pool_alloc(size_t n, cudaStream_t s) {
+static void* pool_alloc(size_t n, int device, cudaStream_t s) {
+  static bool kept[64] = {false};
+  if (device >= 0 && device < 64 && !kept[device]) {
+    // keep freed memory in the pool (the default threshold 0 hands it back to the driver at
+    // every synchronisation, and the next step pays for cudaMalloc again)
+    kept[device] = true;
+    cudaMemPool_t pool;
+    if (cudaDeviceGetDefaultMemPool(&pool, device) == cudaSuccess) {
+      uint64_t keep = UINT64_MAX;
+      cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep);
+    }
+  }
   void* p = nullptr;
   if (cudaMallocAsync(&p, n, s) != cudaSuccess) return nullptr;
   return p;
 }
 static void pool_free(void* p, cudaStream_t s) { cudaFreeAsync(p, s); }
+static int64_t pool_reserved_high(int device) {
+  cudaMemPool_t pool;
+  uint64_t v = 0;
+  if (cudaDeviceGetDefaultMemPool(&pool, device) != cudaSuccess) return -1;
+  if (cudaMemPoolGetAttribute(pool, cudaMemPoolAttrReservedMemHigh, &v) != cudaSuccess) return -1;
+  return (int64_t)v;
+}
 #endif
 
 namespace {
@@ -85,8 +104,8 @@ bool overlaps(State& s, int64_t start, int64_t end) {
   return false;
 }
 
-void* from_pool(State& s, size_t size, cudaStream_t stream) {
-  void* p = pool_alloc(size, stream);
+void* from_pool(State& s, size_t size, int device, cudaStream_t stream) {
+  void* p = pool_alloc(size, device, stream);
   if (p) {
     s.pooled[p] = (int64_t)size;
     s.pool_bytes += (int64_t)size;
@@ -112,13 +131,12 @@ bool fits(State& s, const Slot& slot, int64_t size) {
 extern "C" {
 
 void* mp_malloc(ssize_t size, int device, cudaStream_t stream) {
-  (void)device;
   State& s = S();
   std::lock_guard<std::mutex> lock(s.mu);
   if (size <= 0) return nullptr;
   if (!s.active || stream != s.stream || !s.arena) {
     s.outside++;
-    return from_pool(s, (size_t)size, stream);
+    return from_pool(s, (size_t)size, device, stream);
   }
   int64_t rounded = (size + s.align - 1) / s.align * s.align;
   size_t first = s.cursor;
@@ -130,7 +148,7 @@ void* mp_malloc(ssize_t size, int device, cudaStream_t stream) {
     s.cursor = k + 1;  // this request is slot k (extra requests before it are skipped)
     if (slot.offset < 0) {  // the plan leaves it to the pool
       s.planned++;
-      return from_pool(s, (size_t)size, stream);
+      return from_pool(s, (size_t)size, device, stream);
     }
     if (fits(s, slot, rounded)) {
       if (k == first) s.planned++; else s.shifted++;
@@ -139,7 +157,7 @@ void* mp_malloc(ssize_t size, int device, cudaStream_t stream) {
     break;  // its planned range is still in use: the run has left the plan here
   }
   s.unplanned++;
-  return from_pool(s, (size_t)size, stream);
+  return from_pool(s, (size_t)size, device, stream);
 }
 
 void mp_free(void* ptr, ssize_t size, int device, cudaStream_t stream) {
@@ -220,6 +238,9 @@ void mp_stats(int64_t* out) {
                  s.arena_live, s.arena_peak, (int64_t)s.live.size()};
   for (int i = 0; i < 9; ++i) out[i] = v[i];
 }
+
+// The CUDA pool's reserved-memory high-water mark on `device` (-1 where unknown).
+int64_t mp_pool_reserved_high(int device) { return pool_reserved_high(device); }
 
 void mp_reset_peaks() {
   State& s = S();
