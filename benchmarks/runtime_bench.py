@@ -2,26 +2,37 @@
 
 Strategies: keep-all (plain autograd), full recompute (``torch.utils.checkpoint`` per layer),
 ``save_on_cpu`` (pinned on a GPU), a naive async offload (every saved tensor >= 1 MiB copied to
-host on a side stream, brought back on demand) and memoplan (profile, solve, apply). Prints
-seconds per layer (forward + backward), MFU (GPU only; model FLOPs 3x forward, causal attention
-counted as half), peak allocated and reserved device memory (GPU only) and the largest relative
-gradient difference against keep-all.
+host on a side stream, brought back on demand), memoplan with PyTorch's caching allocator, and
+(on a GPU) memoplan with its planned allocator, which must be installed before the process's
+first CUDA allocation and so runs in a child process of this one. The layers are profiled on the
+device they run on and the plan is solved here (greedy addresses where python-mip is missing).
 
-    python benchmarks/runtime_bench.py --quick                         # CPU smoke (CI)
-    python benchmarks/runtime_bench.py --preset 7b --layers 2 --seq 65536 --device cuda
+Prints per strategy: seconds per layer (forward + backward, best of the timed steps), the ratio
+to keep-all, MFU (GPU; model FLOPs = 3 x forward, from the profile), MFU over full recompute's,
+peak allocated and reserved device memory (GPU), pinned host memory, the largest relative
+gradient difference against keep-all, and for memoplan the measured peak over the plan's
+predicted device bytes.
 
-The GPU rows of the issue's targets have not been measured yet (no GPU in the session that
-wrote this); on a CPU the table shows the schedule's overhead, not its GPU speed.
+    python benchmarks/runtime_bench.py --quick                          # CPU smoke (CI)
+    python benchmarks/runtime_bench.py --preset 7b --layers 2 --seq 65536 131072 --device cuda \\
+        --out benchmarks/results/runtime-h200.md
+    python benchmarks/runtime_bench.py --preset 7b --layers 32 --seq 131072 --device cuda \\
+        --strategies "full recompute" memoplan "memoplan + planned allocator"
+
+No GPU row has been measured yet (no GPU in the sessions that wrote this); on a CPU the table
+shows the schedule's overhead, not its GPU speed.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import importlib.util
+import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,14 +42,17 @@ from torch.utils.checkpoint import checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from memoplan.hardware import get_hardware  # noqa: E402
-from memoplan.runtime import apply  # noqa: E402
-from memoplan.solve import SolveConfig, solve_plan  # noqa: E402
-from memoplan.trace import ProfileConfig, profile_model  # noqa: E402
+import memoplan.runtime as runtime  # noqa: E402
+
+STRATEGIES = ("keep-all", "full recompute", "save_on_cpu", "naive offload", "memoplan",
+              "memoplan + planned allocator")
+PEAK_FLOPS = {"cuda": 989e12}  # H200 bf16 dense
 
 
-def load_example(preset: str):
+def load_example(preset: str, layers: int):
+    """The llama example with ``layers`` layers of the preset's size (no embedding is used)."""
     os.environ["MEMOPLAN_PRESET"] = preset
+    os.environ["MEMOPLAN_LAYERS"] = str(layers)
     path = ROOT / "examples" / "llama" / "model.py"
     spec = importlib.util.spec_from_file_location("bench_llama", path)
     mod = importlib.util.module_from_spec(spec)
@@ -47,11 +61,11 @@ def load_example(preset: str):
 
 
 class Stack(torch.nn.Module):
-    """The model's decoder layers alone, fed random hidden states (no embedding or head)."""
+    """The model's decoder layers alone, fed random hidden states."""
 
-    def __init__(self, model: torch.nn.Module, n: int) -> None:
+    def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
-        self.layers = torch.nn.ModuleList(list(model.layers)[:n])
+        self.layers = model.layers
 
     def forward(self, x, cos, sin, strategy: str = "keep"):
         for layer in self.layers:
@@ -80,10 +94,21 @@ def naive_offload_hooks(device: torch.device):
     return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 
 
-def run(stack, inputs, strategy, steps, device):
+def make_inputs(mod, seq: int, device: torch.device):
+    cfg = mod.config()
+    cos, sin = mod.rope_cos_sin(seq, cfg.dim // cfg.n_heads, cfg.rope_theta, device, cfg.dtype)
+    gen = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(1, seq, cfg.dim, dtype=cfg.dtype, device=device, generator=gen)
+    return x, cos, sin
+
+
+def run(stack, inputs, strategy: str, steps: int, device: torch.device) -> dict:
+    """Train ``steps`` steps; the first is a warm-up. Times, gradients and memory peaks."""
     x, cos, sin = inputs
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    if device.type == "cuda":
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(steps):
@@ -92,7 +117,7 @@ def run(stack, inputs, strategy, steps, device):
         sync()
         began = time.perf_counter()
         if strategy == "save_on_cpu":
-            ctx = torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda")
+            ctx = torch.autograd.graph.save_on_cpu(pin_memory=cuda)
         elif strategy == "naive offload":
             ctx = naive_offload_hooks(device)
         else:
@@ -102,10 +127,52 @@ def run(stack, inputs, strategy, steps, device):
         out.float().pow(2).mean().backward()
         sync()
         times.append(time.perf_counter() - began)
-    grads = [p.grad.detach().clone() for p in stack.parameters()]
-    mem = (torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()) \
-        if device.type == "cuda" else (None, None)
-    return min(times[1:] if len(times) > 1 else times), grads, mem
+    result = {"seconds": min(times[1:] if len(times) > 1 else times),
+              "grads": [p.grad.detach().float().cpu() for p in stack.parameters()]}
+    if cuda and strategy != "memoplan + planned allocator":
+        result["alloc"] = torch.cuda.max_memory_allocated()
+        result["reserved"] = torch.cuda.max_memory_reserved()
+    if strategy.startswith("memoplan"):
+        result["runtime"] = {k: v for k, v in runtime.stats(stack).items()}
+        result["pinned"] = result["runtime"]["pinned_bytes"]
+    return result
+
+
+def worker(args) -> None:
+    """Child process: memoplan with the planned allocator, installed before any CUDA tensor."""
+    alloc = runtime.install_allocator()
+    device = torch.device("cuda")
+    mod, _ = load_example(args.preset, args.layers)
+    model = mod.build_model().to(device)
+    stack = Stack(model)
+    plan = runtime.load_plan(args.worker_plan)
+    runtime.apply(stack, plan)
+    alloc.reset_peaks()
+    result = run(stack, make_inputs(mod, args.seq[0], device), "memoplan + planned allocator",
+                 args.steps, device)
+    stats = alloc.stats()
+    result.update(alloc=stats["pool_peak"], reserved=alloc.reserved_high(), allocator=stats)
+    ref = Path(args.worker_plan).with_suffix(".grads.pt")
+    if ref.exists():
+        result["diff"] = max_rel_diff(result["grads"], torch.load(ref))
+    del result["grads"]
+    print("WORKER " + json.dumps(result))
+
+
+def max_rel_diff(grads, ref) -> float:
+    return max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+               for a, b in zip(grads, ref))
+
+
+def in_child(args, seq: int, plan_path: Path) -> dict:
+    cmd = [sys.executable, __file__, "--worker-plan", str(plan_path), "--preset", args.preset,
+           "--layers", str(args.layers), "--seq", str(seq), "--steps", str(args.steps)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout)
+    line = next((l for l in done.stdout.splitlines() if l.startswith("WORKER ")), None)
+    if done.returncode != 0 or line is None:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+        return {"error": " / ".join(tail)[-300:] or f"exit {done.returncode}"}
+    return json.loads(line[len("WORKER "):])
 
 
 def main() -> None:
@@ -115,52 +182,101 @@ def main() -> None:
     ap.add_argument("--seq", type=int, nargs="+", default=[512])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    ap.add_argument("--state-bytes", type=float, default=4.0,
+                    help="bytes per parameter of model states the plan assumes (4: bf16 weights "
+                         "and gradients, no optimizer)")
+    ap.add_argument("--profile-seq", type=int, default=None)
+    ap.add_argument("--time-limit", type=float, default=10.0, help="seconds per MIP")
+    ap.add_argument("--child-timeout", type=int, default=900)
     ap.add_argument("--quick", action="store_true", help="tiny model, 2 lengths, 2 steps (CI)")
     ap.add_argument("--out", type=Path, default=None, help="also write the table here (markdown)")
+    ap.add_argument("--worker-plan", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker_plan:
+        return worker(args)
     if args.quick:
         args.preset, args.seq, args.steps = "tiny", [256, 512], 2
     device = torch.device(args.device)
-    mod, path = load_example(args.preset)
-    prof = profile_model(ProfileConfig(model_file=path, seq=128 if args.preset == "tiny" else 256))
+    if device.type != "cuda" and "memoplan + planned allocator" in args.strategies:
+        args.strategies.remove("memoplan + planned allocator")  # it places CUDA tensors only
+
+    from memoplan.hardware import get_hardware
+    from memoplan.solve import SolveConfig, solve_plan
+    from memoplan.trace import ProfileConfig, profile_model
+
+    mod, path = load_example(args.preset, args.layers)
+    profile_seq = args.profile_seq or (128 if args.preset == "tiny" else 1024)
+    prof = profile_model(ProfileConfig(model_file=path, seq=profile_seq, device=args.device))
     model = mod.build_model().to(device)
-    rows = ["| S | strategy | s/layer | vs keep-all | MFU | peak alloc GiB | peak reserved GiB | "
-            "max rel grad diff |", "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    stack = Stack(model)
+    tmp = Path(tempfile.mkdtemp(prefix="memoplan-bench-"))
+    rows = ["| S | strategy | s/layer | vs keep-all | MFU | vs full recompute | peak alloc GiB | "
+            "peak reserved GiB | pinned GiB | max rel grad diff | peak / plan |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for seq in args.seq:
-        stack = Stack(model, args.layers).to(device)
-        cfg = model.cfg
-        dtype = next(model.parameters()).dtype
-        cos, sin = mod.rope_cos_sin(seq, cfg.dim // cfg.n_heads, cfg.rope_theta, device, dtype)
-        gen = torch.Generator(device=device).manual_seed(0)
-        x = torch.randn(1, seq, cfg.dim, dtype=dtype, device=device, generator=gen)
-        inputs = (x, cos, sin)
-        flops = args.layers * 3 * (prof.layer.flops_forward.total_at(seq))
-        results = {}
-        for strategy in ("keep-all", "full recompute", "save_on_cpu", "naive offload", "memoplan"):
+        inputs = make_inputs(mod, seq, device)
+        flops = args.layers * 3 * prof.layer.flops_forward.total_at(seq)
+        plan = solve_plan(prof, SolveConfig(seq=seq, hardware=get_hardware("h200"),
+                                            time_limit=args.time_limit,
+                                            state_bytes_per_param=args.state_bytes))
+        plan_path = tmp / f"plan-{seq}.json"
+        plan_path.write_text(json.dumps(plan.to_json()))
+        results: dict[str, dict] = {}
+        for strategy in args.strategies:
+            if strategy == "memoplan + planned allocator":
+                continue  # after the others, in a fresh process
             target = stack
             if strategy == "memoplan":
-                plan = solve_plan(dataclass_layers(prof, args.layers),
-                                  SolveConfig(seq=seq, hardware=get_hardware("h200"), time_limit=5,
-                                              state_bytes_per_param=4))
-                target = apply(copy.deepcopy(stack), plan)
-            results[strategy] = run(target, inputs, strategy, args.steps, device)
-        base_t, base_g, _ = results["keep-all"]
-        for strategy, (t, grads, (alloc, reserved)) in results.items():
-            diff = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
-                       for a, b in zip(grads, base_g))
-            mfu = f"{flops / t / 989e12:.3f}" if device.type == "cuda" else "n/a (CPU)"
-            gib = (lambda v: f"{v / 2**30:.2f}" if v is not None else "n/a")
-            rows.append(f"| {seq} | {strategy} | {t / args.layers:.4f} | {t / base_t:.2f} | {mfu} | "
-                        f"{gib(alloc)} | {gib(reserved)} | {diff:.1e} |")
+                target = runtime.apply(Stack(model), plan)  # wraps the layers: runs last here
+            try:
+                results[strategy] = run(target, inputs, strategy, args.steps, device)
+            except torch.cuda.OutOfMemoryError:
+                results[strategy] = {"error": "out of memory"}
+        if "keep-all" in results and "grads" in results["keep-all"]:
+            torch.save(results["keep-all"]["grads"], plan_path.with_suffix(".grads.pt"))
+        if "memoplan + planned allocator" in args.strategies:
+            del inputs
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            results["memoplan + planned allocator"] = in_child(args, seq, plan_path)
+            inputs = make_inputs(mod, seq, device)
+        rows += table_rows(seq, results, flops, args.layers, device, plan)
+        if "memoplan" in args.strategies:  # unwrap for the next length
+            for layer in model.layers:
+                layer.__dict__.pop("forward", None)
     print("\n".join(rows))
     if args.out:
         args.out.write_text("\n".join(rows) + "\n")
 
 
-def dataclass_layers(prof, n: int):
-    import dataclasses
-
-    return dataclasses.replace(prof, model=dataclasses.replace(prof.model, num_layers=n))
+def table_rows(seq, results, flops, layers, device, plan) -> list[str]:
+    base = results.get("keep-all", {})
+    recompute = results.get("full recompute", {})
+    peak = PEAK_FLOPS.get(device.type)
+    gib = lambda v: f"{v / 2**30:.2f}" if isinstance(v, (int, float)) and v >= 0 else "n/a"  # noqa: E731
+    rows = []
+    for strategy, r in results.items():
+        if "error" in r:
+            rows.append(f"| {seq} | {strategy} | {r['error']} |" + " |" * 8)
+            continue
+        t = r["seconds"]
+        mfu = flops / t / peak if peak else None
+        vs_keep = f"{base['seconds'] / t:.3f}" if "seconds" in base else "n/a"
+        vs_rec = f"{recompute['seconds'] / t:.3f}" if "seconds" in recompute else "n/a"
+        if "diff" in r:
+            diff = f"{r['diff']:.1e}"
+        elif "grads" in r and "grads" in base:
+            diff = f"{max_rel_diff(r['grads'], base['grads']):.1e}"
+        else:
+            diff = "n/a"
+        ratio = "n/a"
+        if strategy.startswith("memoplan") and isinstance(r.get("alloc"), int):
+            ratio = f"{r['alloc'] / plan.predicted.gpu_bytes['plan']:.3f}"
+        rows.append(f"| {seq} | {strategy} | {t / layers:.4f} | {vs_keep} | "
+                    f"{f'{mfu:.3f}' if mfu else 'n/a (CPU)'} | {vs_rec} | {gib(r.get('alloc'))} | "
+                    f"{gib(r.get('reserved'))} | {gib(r.get('pinned'))} | {diff} | {ratio} |")
+    return rows
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     memoplan profile examples/llama/model.py -o out/profile.json
     memoplan solve out/profile.json --seq 128K -o out/plan.json
     python examples/train.py examples/llama/model.py out/plan.json --seq 512 --steps 3
+    python examples/train.py MODEL PLAN --device cuda --planned-allocator   # on a GPU
 
 It also trains a plain copy of the model on the same batches and prints the largest relative
 difference of the gradients (0 up to rounding: the plan changes where tensors live, not what
@@ -17,6 +18,7 @@ import importlib.util
 import time
 
 import torch
+from torch.utils._pytree import tree_map_only
 
 import memoplan.runtime
 
@@ -27,12 +29,18 @@ def main() -> None:
     ap.add_argument("plan")
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--planned-allocator", action="store_true",
+                    help="place every layer's transients at the plan's addresses (CUDA only)")
     args = ap.parse_args()
+    if args.planned_allocator:       # first, before any tensor is put on the GPU
+        memoplan.runtime.install_allocator()
+    device = torch.device(args.device)
 
     spec = importlib.util.spec_from_file_location("user_model", args.model_file)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    model = mod.build_model()
+    model = mod.build_model().to(device)
     plain = copy.deepcopy(model)
 
     plan = memoplan.runtime.load_plan(args.plan)           # the two lines a user adds
@@ -42,7 +50,7 @@ def main() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     opt_plain = torch.optim.AdamW(plain.parameters(), lr=1e-3)
     for step in range(args.steps):
-        inputs = mod.example_inputs(args.seq)
+        inputs = tree_map_only(torch.Tensor, lambda t: t.to(device), mod.example_inputs(args.seq))
         for m, o in ((model, opt), (plain, opt_plain)):
             began = time.perf_counter()
             o.zero_grad()
@@ -58,6 +66,7 @@ def main() -> None:
               f"max rel. grad diff {diff:.2e}, {memo_s:.3f} s (plain {seconds:.3f} s)")
         opt.step()
         opt_plain.step()
+    print("runtime:", memoplan.runtime.stats(model))
 
 
 if __name__ == "__main__":
