@@ -178,18 +178,27 @@ class PlanAllocator:
         return [(out[2 * i], out[2 * i + 1]) for i in range(min(n, cap))]
 
 
-def phase_slots(plan, phase: str, index: int) -> list[tuple[int, int]]:
+def phase_slots(plan, phase: str, index: int,
+                input_grads: frozenset[str] = frozenset()) -> list[tuple[int, int]]:
     """The (size, arena offset) of every malloc of layer ``index``'s ``phase`` ("forward" or
-    "backward"), in request order, from the plan: transients at their level-1 offset inside the
-    layer's ``fwd[i]``/``bwd[i]`` block; in forward, the saved tensors one after the other in
-    ``round[i]`` and the output in the next layer's ``hidden`` block; -1 where the plan places
-    nothing (the pool serves it)."""
+    "backward"), in request order, from the plan; -1 where the plan places nothing (the pool
+    serves it).
+
+    Forward: transients at their level-1 offset inside the layer's ``fwd[i]`` block, the saved
+    tensors one after the other in ``round[i]``, the output in the next layer's ``hidden``
+    block. Backward: transients inside ``bwd[i]``; the gradient of the layer's input (a
+    backward output named in ``input_grads``) in ``grad[i]``, where it lives until the layer
+    below has used it; parameter gradients in the pool (they become ``.grad`` and outlive the
+    iteration: model states, outside the arena).
+    """
     it, level = plan.levels["iteration"], plan.levels[phase]
-    base = it.offsets.get(f"{'fwd' if phase == 'forward' else 'bwd'}[{index}]")
+    block = lambda name: (it.offsets.get(name), it.sizes.get(name, 0))  # noqa: E731
+    base, _ = block(f"{'fwd' if phase == 'forward' else 'bwd'}[{index}]")
     skeletal = set(plan.layer.get("skeletal", ()))
     outputs = set(plan.layer.get("outputs", ()))
-    rounding = it.offsets.get(f"round[{index}]"), it.sizes.get(f"round[{index}]", 0)
-    hidden = it.offsets.get(f"hidden[{index + 1}]"), it.sizes.get(f"hidden[{index + 1}]", 0)
+    grads = {int(tid): name for tid, name in plan.layer.get("grads", ())}
+    rounding, hidden, grad = block(f"round[{index}]"), block(f"hidden[{index + 1}]"), \
+        block(f"grad[{index}]")
     used = 0
     seen: dict[int, int] = {}
     slots = []
@@ -199,14 +208,17 @@ def phase_slots(plan, phase: str, index: int) -> list[tuple[int, int]]:
         n = seen[tid] = seen.get(tid, -1) + 1
         key = str(tid) if n == 0 else f"{tid}#{n}"  # ids reused after a free (see dsa)
         offset = -1
-        if key in level.offsets and base is not None:
+        if tid in grads:
+            if grads[tid] in input_grads and grad[0] is not None and size <= grad[1]:
+                offset, grad = grad[0], (None, 0)
+        elif phase == "forward" and tid in outputs:  # level 1 has it too, till the phase ends
+            if hidden[0] is not None and size <= hidden[1]:
+                offset = hidden[0]
+        elif phase == "forward" and tid in skeletal:
+            if rounding[0] is not None and used + size <= rounding[1]:
+                offset, used = rounding[0] + used, used + size
+        elif key in level.offsets and base is not None:
             offset = base + level.offsets[key]
-        elif phase == "forward" and tid in skeletal and rounding[0] is not None \
-                and used + size <= rounding[1]:
-            offset, used = rounding[0] + used, used + size
-        elif phase == "forward" and tid in outputs and hidden[0] is not None \
-                and size <= hidden[1]:
-            offset = hidden[0]
         slots.append((size, offset))
     return slots
 

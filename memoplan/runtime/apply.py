@@ -83,7 +83,8 @@ class _Runner:
         return self.arena
 
     @contextlib.contextmanager
-    def phase(self, phase: str, index: int, device: torch.device) -> Iterator[None]:
+    def phase(self, phase: str, index: int, device: torch.device,
+              prog: LayerProgram) -> Iterator[None]:
         """Layer ``index``'s ``phase`` replays the plan's addresses (with the planned allocator
         installed; otherwise nothing happens)."""
         arena = self.arena_on(device)
@@ -93,7 +94,8 @@ class _Runner:
             return
         arena.start()
         if (phase, index) not in self.slots:
-            self.slots[phase, index] = allocator.phase_slots(self.plan, phase, index)
+            self.slots[phase, index] = allocator.phase_slots(
+                self.plan, phase, index, frozenset(prog.input_grad_names))
         stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
         planner.begin(stream, self.slots[phase, index],
                       align=int(self.plan.config.get("align", 512)))
@@ -200,7 +202,7 @@ class _LayerFunction(torch.autograd.Function):
                 n_inputs: int, *tensors: torch.Tensor) -> Any:
         inputs, states = list(tensors[:n_inputs]), list(tensors[n_inputs:])
         runner.copier.release_copied(before=index - 1)  # layer index-2's buffer is reused now
-        with runner.phase("forward", index, inputs[0].device):
+        with runner.phase("forward", index, inputs[0].device, prog):
             outputs, state = forward_layer(prog, mode, alpha, runner.copier, index, states,
                                            [t.detach() for t in inputs], poison=runner.poison)
         runner.pending[index] = state
@@ -224,7 +226,8 @@ class _LayerFunction(torch.autograd.Function):
         runner.pending.pop(ctx.index, None)
         grads = backward_layer(prog, ctx.mode, state, runner.copier, arena, ctx.states,
                                [g.contiguous() for g in grad_outputs], poison=runner.poison,
-                               planned=lambda: runner.phase("backward", ctx.index, arena.device))
+                               planned=lambda: runner.phase("backward", ctx.index, arena.device,
+                                                            prog))
         ctx.runner.recomputed_tokens += state.recomputed_tokens
         ctx.state = None  # drop the host copies' references as soon as possible
         n_in = ctx.n_inputs

@@ -48,6 +48,7 @@ class LayerProgram:
     out_spec: Any                          # pytree spec of the layer's own return value
     out_template: list[Any]                # its leaves; None where the program fills a tensor
     grad_input_pos: list[int]              # indices (into the flat tensor inputs) needing grad
+    input_grad_names: list[str] = field(default_factory=list)  # backward outputs: input grads
     node: dict[str, fx.Node] = field(default_factory=dict)
     recompute_order: dict[str, list[str]] = field(default_factory=dict)
     # node name -> values to drop once it has run (each value right after its last use)
@@ -113,6 +114,8 @@ def build_program(layer: torch.nn.Module, args: tuple, kwargs: dict, plan_layer:
         if h.how == "split":
             prog.recompute_order[c] = _ancestry(prog, c)
     out = pytree.tree_leaves(next(n for n in tr.gm.graph.nodes if n.op == "output").args[0])
+    prog.input_grad_names = [n.name for n in out[tr.num_outputs:tr.num_outputs + len(grad_pos)]
+                             if isinstance(n, fx.Node)]
     names = {p.name for p in placeholders}
     prog.drop_forward = release_after(
         tr.forward_nodes, names | set(handling) | {n.name for n in out[:tr.num_outputs]})

@@ -92,4 +92,5 @@ def runtime_layer(profile: Profile, cfg: SolveConfig) -> dict:
             "requests": {"forward": sized(profile.layer.requests_forward),
                          "backward": sized(profile.layer.requests_backward)},
             "skeletal": sorted(t.id for t in profile.layer.tensors if t.role == "skeletal"),
-            "outputs": sorted(t.id for t in profile.layer.tensors if t.role == "output")}
+            "outputs": sorted(t.id for t in profile.layer.tensors if t.role == "output"),
+            "grads": [[t.id, t.name] for t in profile.layer.tensors if t.role == "grad"]}

@@ -8,9 +8,12 @@ reader), the layer's outputs (handed to the next layer) and the gradients backwa
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
+import torch
 import torch.fx as fx
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
 
 from memoplan.trace.graph import LayerTrace
@@ -31,6 +34,27 @@ def _readers(n: fx.Node) -> list[fx.Node]:
     return [a for a in pytree.tree_leaves((n.args, n.kwargs)) if isinstance(a, fx.Node)]
 
 
+def _made_by(trace: LayerTrace, n: fx.Node) -> list[tuple[str, tuple[int, int]]]:
+    """(name, storage) of every tensor ``n`` returns. A multi-output op allocates all its
+    outputs when it runs, also those no ``getitem`` reads (the graph drops those getitems);
+    each is named after the getitem that reads it, if any."""
+    st = trace.storage(n.name)
+    if st:
+        return [(n.name, st)]
+    value = trace.values.get(n.name)
+    if not isinstance(value, (tuple, list)):
+        return []
+    readers = {u.args[1]: u.name for u in n.users
+               if u.target is operator.getitem and isinstance(u.args[1], int)}
+    out = []
+    for k, v in enumerate(value):
+        if isinstance(v, torch.Tensor) and v.layout == torch.strided \
+                and v.untyped_storage().nbytes() > 0:
+            out.append((readers.get(k, f"{n.name}[{k}]"),
+                        (StorageWeakRef(v.untyped_storage()).cdata, v.untyped_storage().nbytes())))
+    return out
+
+
 def allocation_requests(trace: LayerTrace) -> tuple[list[Storage], list[Request], list[Request]]:
     """Storages of the layer (in creation order) and the forward and backward request lists."""
     outputs_node = next(n for n in trace.gm.graph.nodes if n.op == "output")
@@ -47,9 +71,9 @@ def allocation_requests(trace: LayerTrace) -> tuple[list[Storage], list[Request]
     created: dict[int, tuple[int, str, str, int]] = {}   # ptr -> (step, phase, name, bytes)
     last_read: dict[tuple[int, str], int] = {}           # (ptr, phase) -> step
     for i, (phase, n) in enumerate(steps):
-        st = trace.storage(n.name)
-        if st and st[0] not in given and st[0] not in created:
-            created[st[0]] = (i, phase, n.name, st[1])
+        for name, st in _made_by(trace, n):
+            if st[0] not in given and st[0] not in created:
+                created[st[0]] = (i, phase, name, st[1])
         for a in _readers(n):
             sa = trace.storage(a.name)
             if sa and sa[0] in created:
