@@ -33,3 +33,14 @@ def test_solve_benchmark_smoke(tmp_path):
         cells = [c.strip() for c in r.split("|")]
         mip, greedy, bound = (float(cells[i].replace(",", "")) for i in (5, 6, 8))
         assert bound <= mip <= greedy
+
+
+def test_gpu_correctness_script_smoke_on_cpu(tmp_path):
+    out = _run("benchmarks/gpu_correctness.py", "--device", "cpu", "--quick", "--seq", "192",
+               "--out", str(tmp_path / "c.md"))
+    rows = [line for line in out.splitlines() if line.startswith("| llama ") or
+            line.startswith("| gpt ")]
+    assert len(rows) == 2
+    for r in rows:
+        cells = [c.strip() for c in r.split("|")]
+        assert float(cells[5]) < 1e-5 and cells[8] == "False", r

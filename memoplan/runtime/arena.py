@@ -10,21 +10,18 @@ step places them at the same addresses and nothing fragments.
 A block is leased for the time the plan gives it (from the prefetch during layer ``i+1``'s
 backward to the end of layer ``i``'s backward) and its views are handed out from the lease.
 Safety does not rest on the plan being right: a lease whose address range overlaps a live
-lease (or, with the planned allocator, a live planned tensor) is refused, and a view that does not fit its block (a longer sequence than planned) is an
-ordinary allocation; both are counted (``Arena.misses``) and the run stays correct.
+lease (or, with the planned allocator, a live planned tensor) is refused, and a view that does
+not fit its block (a longer sequence than planned) is an ordinary allocation; both are counted
+(``Arena.misses``) and the run stays correct.
 """
 
 from __future__ import annotations
 
 import torch
 
+from memoplan.trace.recompute import dim_order
+
 ALIGN = 512  # bytes; offsets inside a block are rounded up to this
-
-
-def dim_order(t: torch.Tensor) -> list[int]:
-    """``t``'s dims in memory order, outermost first (what a buffer must copy for the graph's
-    views of it to stay valid)."""
-    return sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
 
 
 def empty_laid_out(shape: tuple[int, ...], dtype: torch.dtype, order: list[int],

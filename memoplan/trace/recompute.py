@@ -18,10 +18,16 @@ from torch.utils import _pytree as pytree
 from memoplan.trace.graph import LayerTrace, upcast
 
 
+def dim_order(t: torch.Tensor) -> list[int]:
+    """``t``'s dims in memory order, outermost first (what a copy must keep for the graph's
+    views of it to stay valid)."""
+    return sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
+
+
 def select_tokens(v: torch.Tensor, axis: int, tokens: torch.Tensor) -> torch.Tensor:
     """``v.index_select(axis, tokens)`` laid out in memory in the same dimension order as ``v``,
     so that the views the graph takes of it (transpose then view) stay valid."""
-    order = sorted(range(v.dim()), key=lambda d: (-v.stride(d), d))   # outermost first
+    order = dim_order(v)
     inverse = [order.index(d) for d in range(v.dim())]
     picked = v.permute(order).index_select(order.index(axis), tokens).contiguous()
     return picked.permute(inverse)
