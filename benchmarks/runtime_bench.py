@@ -107,7 +107,7 @@ def run(stack, inputs, strategy: str, steps: int, device: torch.device) -> dict:
     x, cos, sin = inputs
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    if cuda:
+    if cuda and strategy != "memoplan + planned allocator":  # the pluggable one keeps no stats
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     times = []
@@ -134,7 +134,7 @@ def run(stack, inputs, strategy: str, steps: int, device: torch.device) -> dict:
         result["reserved"] = torch.cuda.max_memory_reserved()
     if strategy.startswith("memoplan"):
         result["runtime"] = {k: v for k, v in runtime.stats(stack).items()}
-        result["pinned"] = result["runtime"]["pinned_bytes"]
+        result["pinned"] = result["runtime"]["host_buffer_bytes"] if cuda else None
     return result
 
 

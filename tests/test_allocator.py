@@ -129,7 +129,7 @@ def test_extra_requests_shift_the_replay_and_taken_slots_go_to_the_pool(alloc):
     before = alloc.stats()
     assert r.malloc("a", 1000) == 0        # 1000 B rounds up to the 1024-byte slot
     assert r.malloc("workspace", 77) is None  # not in the plan: the pool
-    assert r.malloc("b", 2048) == 1024     # found one slot further on
+    assert r.malloc("b", 2048) == 1024     # the replay goes on where it was
     assert r.malloc("c", 512) is None      # the plan leaves it to the pool
     r.reserve(4096, 100)                   # the runtime holds part of the next slot
     assert r.malloc("d", 4096) is None     # so it cannot be placed: pool, counted
@@ -137,7 +137,15 @@ def test_extra_requests_shift_the_replay_and_taken_slots_go_to_the_pool(alloc):
     alloc.end()
     assert _delta(alloc, before) == {"planned": 3, "shifted": 0, "unplanned": 2, "outside": 1,
                                      "missed": 0}
+    # a second arena is refused while this one holds planned tensors, taken once it is empty
+    alloc.begin(COMPUTE, [(1024, 8192)])
+    assert r.malloc("planned", 1024) == 8192
+    alloc.end()
+    other = torch.empty(4096, dtype=torch.uint8)
+    assert not alloc.set_arena(other.data_ptr(), 4096)
     r.clear()
+    assert alloc.set_arena(other.data_ptr(), 4096)
+    alloc.set_arena(r.base, r.buffer.numel())
     before = alloc.stats()
     assert r.malloc("after", 1024) is None  # no phase: the pool
     assert _delta(alloc, before)["outside"] == 1
@@ -264,6 +272,8 @@ def test_the_runtimes_own_request_stream_follows_the_plan(alloc, name):
     runner.arena = Arena.for_plan(plan, torch.device("cpu"))
     runner.arena.planner = alloc
     external = {t.untyped_storage().data_ptr() for t in model.parameters()}
+    external |= {b.untyped_storage().data_ptr()  # host buffers kept from the first step
+                 for bufs in runner.copier._free.values() for b in bufs}
     requests = TorchRequests(alloc.lib, external)
     before = alloc.stats()
     with requests.mode:

@@ -127,6 +127,7 @@ class PlanAllocator:
         lib.mp_malloc.argtypes = [ctypes.c_ssize_t, ctypes.c_int, p]
         lib.mp_free.argtypes = [p, ctypes.c_ssize_t, ctypes.c_int, p]
         lib.mp_set_arena.argtypes = [p, i64]
+        lib.mp_set_arena.restype = ctypes.c_int
         lib.mp_begin.argtypes = [p, i64, i64, ctypes.POINTER(i64), ctypes.POINTER(i64)]
         lib.mp_end.restype = i64
         lib.mp_reserve.argtypes = [i64, i64]
@@ -138,9 +139,17 @@ class PlanAllocator:
         lib.mp_pool_reserved_high.argtypes = [ctypes.c_int]
         lib.mp_pool_reserved_high.restype = i64
         self.missed = 0  # planned requests that phases never saw
+        self.arenas: list = []  # arena buffers handed to the allocator: kept for the process
 
-    def set_arena(self, ptr: int, nbytes: int) -> None:
-        self.lib.mp_set_arena(ptr, nbytes)
+    def set_arena(self, ptr: int, nbytes: int, keep: object = None) -> bool:
+        """Use ``nbytes`` at ``ptr`` as the arena; False (refused) while another arena still
+        holds planned tensors. ``keep`` (the buffer) is held for the life of the process: a
+        planned tensor may outlive the model whose arena it is in."""
+        if not self.lib.mp_set_arena(ptr, nbytes):
+            return False
+        if keep is not None:
+            self.arenas.append(keep)
+        return True
 
     def begin(self, stream: int, slots: list[tuple[int, int]], align: int = 512) -> None:
         """Start a phase on ``stream`` (a cudaStream_t as int): planned (size, offset) pairs in
@@ -199,7 +208,7 @@ def phase_slots(plan, phase: str, index: int,
     grads = {int(tid): name for tid, name in plan.layer.get("grads", ())}
     rounding, hidden, grad = block(f"round[{index}]"), block(f"hidden[{index + 1}]"), \
         block(f"grad[{index}]")
-    used = 0
+    used = out_used = 0
     seen: dict[int, int] = {}
     slots = []
     for op, tid, size in plan.layer.get("requests", {}).get(phase, ()):
@@ -212,8 +221,8 @@ def phase_slots(plan, phase: str, index: int,
             if grads[tid] in input_grads and grad[0] is not None and size <= grad[1]:
                 offset, grad = grad[0], (None, 0)
         elif phase == "forward" and tid in outputs:  # level 1 has it too, till the phase ends
-            if hidden[0] is not None and size <= hidden[1]:
-                offset = hidden[0]
+            if hidden[0] is not None and out_used + size <= hidden[1]:
+                offset, out_used = hidden[0] + out_used, out_used + size
         elif phase == "forward" and tid in skeletal:
             if rounding[0] is not None and used + size <= rounding[1]:
                 offset, used = rounding[0] + used, used + size

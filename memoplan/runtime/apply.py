@@ -107,7 +107,8 @@ class _Runner:
 
 def stats(model: torch.nn.Module) -> dict[str, Any]:
     """What the runtime did so far for ``model`` (a model passed to :func:`apply`): layer calls,
-    host bytes copied, tokens recomputed, layers prefetched ahead, pinned host bytes, arena
+    host bytes copied, tokens recomputed, layers prefetched ahead, host buffer bytes (pinned on
+    a GPU), arena
     views placed / fallen back, and the planned allocator's counters when it is installed
     (``planned``, ``shifted``, ``unplanned``: requests that left the plan, ``outside``)."""
     runner = getattr(model, "_memoplan_runner", None)
@@ -116,7 +117,7 @@ def stats(model: torch.nn.Module) -> dict[str, Any]:
     out: dict[str, Any] = {
         "layer_calls": runner.calls, "host_bytes": runner.host_bytes,
         "recomputed_tokens": runner.recomputed_tokens, "prefetched_ahead": runner.prefetched_ahead,
-        "pinned_bytes": runner.copier.pinned_bytes,
+        "host_buffer_bytes": runner.copier.host_buffer_bytes,
         "arena_bytes": runner.arena.nbytes if runner.arena else 0,
         "arena_views": runner.arena.hits if runner.arena else 0,
         "arena_fallbacks": runner.arena.misses if runner.arena else 0}
@@ -220,6 +221,7 @@ class _LayerFunction(torch.autograd.Function):
         runner: _Runner = ctx.runner
         previous = runner.pending.pop(ctx.index - 1, None)
         arena = runner.arena_on(grad_outputs[0].device)
+        runner.copier.release_copied()  # forward's copy sources go before anything is leased
         if previous is not None and previous.host:  # its copies overlap this layer's backward
             prefetch_layer(previous, runner.copier, arena, grad_outputs[0].device)
             runner.prefetched_ahead += 1

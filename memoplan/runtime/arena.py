@@ -52,14 +52,15 @@ class Lease:
             return empty_laid_out(shape, dtype, order, device=self.arena.device)
         self.used = at + nbytes
         self.arena.hits += 1
-        raw = self.arena.buffer[self.start + at: self.start + at + nbytes]
+        first = ALIGN + self.start + at  # the buffer's first ALIGN bytes are never handed out
+        raw = self.arena.buffer[first: first + nbytes]
         return raw.view(dtype).view(laid).permute([order.index(d) for d in range(len(shape))])
 
     def release(self, *, poison: bool = False) -> None:
         """Give the block back (``poison``: fill it with NaN bytes first, so that a tensor still
         read after its release shows as NaN gradients)."""
         if poison and self.used:
-            self.arena.buffer[self.start: self.start + self.used].fill_(0xFF)
+            self.arena.buffer[ALIGN + self.start: ALIGN + self.start + self.used].fill_(0xFF)
         if self.arena.leases.get(self.name) is self:
             del self.arena.leases[self.name]
             if self.arena.planner is not None:
@@ -89,9 +90,12 @@ class Arena:
     def start(self) -> None:
         """Allocate the arena (once) and hand it to the planned allocator, if any."""
         if self.buffer is None:
-            self.buffer = torch.empty(self.nbytes, dtype=torch.uint8, device=self.device)
-            if self.planner is not None:  # the layers' transients go into the same arena
-                self.planner.set_arena(self.buffer.data_ptr(), self.nbytes)
+            # offset 0 of the plan is ALIGN bytes in: a planned tensor never gets the address of
+            # the buffer itself (which PyTorch's allocator bookkeeping already holds)
+            self.buffer = torch.empty(ALIGN + self.nbytes, dtype=torch.uint8, device=self.device)
+            if self.planner is not None and not self.planner.set_arena(  # transients go there too
+                    self.buffer.data_ptr() + ALIGN, self.nbytes, keep=self.buffer):
+                self.planner = None  # another model's arena is in use: its plan goes on alone
 
     def lease(self, name: str) -> Lease:
         """Lease block ``name``; an unplanned block, or one whose addresses overlap a live lease

@@ -56,6 +56,7 @@ class LayerState:
     def __init__(self, index: int) -> None:
         self.index = index                             # the layer's position in the model
         self.host: dict[str, torch.Tensor] = {}        # creator -> host copy (whole or first k tokens)
+        self.slot: dict[str, tuple] = {}               # creator -> its host buffer's slot
         self.device: dict[str, torch.Tensor] = {}      # kept on the device (keep mode, shared)
         self.split_at: dict[str, int] = {}             # creator -> k (tokens copied)
         self.seq: dict[str, int] = {}                  # creator -> its full token count
@@ -98,7 +99,7 @@ def forward_layer(prog: LayerProgram, mode: str, alpha: float, copier: Copier, i
                 state.device[c] = value
         elif h.how == "whole":
             state.layout[c] = dim_order(value)
-            state.host[c] = copier.to_host(f"{key}/{c}", value, state.layout[c])
+            state.slot[c], state.host[c] = copier.to_host(f"{key}/{c}", value, state.layout[c])
         else:
             seq = value.shape[h.axis]
             k = int(alpha * seq)
@@ -106,13 +107,14 @@ def forward_layer(prog: LayerProgram, mode: str, alpha: float, copier: Copier, i
             state.shape[c] = (value.shape, value.dtype)
             state.layout[c] = dim_order(value)
             if k:
-                state.host[c] = copier.to_host(f"{key}/{c}", value.narrow(h.axis, 0, k),
-                                               state.layout[c])
+                state.slot[c], state.host[c] = copier.to_host(
+                    f"{key}/{c}", value.narrow(h.axis, 0, k), state.layout[c])
     if mode == "recompute":  # the input must stay even if backward does not read it
         primary = next(p.name for p in prog.placeholders if prog.roles[p.name] == "primary")
         state.device.setdefault(primary, env[primary])
     copier.finish_forward(index)
     if poison and mode != "keep":
+        copier.wait_copies(index)  # the copies read these tensors: fill them once they are done
         _poison(prog, env, outputs, state)
     return outputs, state
 
@@ -165,7 +167,6 @@ def backward_layer(prog: LayerProgram, mode: str, state: LayerState, copier: Cop
     device = grad_outputs[0].device
     env: dict[str, Any] = dict(state.device)
     prefetch_layer(state, copier, arena, device)
-    copier.release_copied()  # every forward copy-out has finished before memory is reused
     for c in state.host:
         if c not in state.split_at:
             env[c] = copier.ready(state.fetched[c])
@@ -193,6 +194,9 @@ def backward_layer(prog: LayerProgram, mode: str, state: LayerState, copier: Cop
     if state.lease is not None:
         state.lease.release(poison=poison)
         state.lease = None
+    for c, buf in state.host.items():  # the compute stream has waited for their copies back
+        copier.give_back(state.slot[c], buf)
+    state.host.clear()
     state.full.clear()
     return grads
 

@@ -19,6 +19,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <map>
 #include <mutex>
@@ -45,8 +46,21 @@ static void* pool_alloc(size_t n, int device, cudaStream_t s) {
     }
   }
   void* p = nullptr;
-  if (cudaMallocAsync(&p, n, s) != cudaSuccess) return nullptr;
-  return p;
+  if (cudaMallocAsync(&p, n, s) == cudaSuccess) return p;
+  cudaGetLastError();      // clear it; memory freed on other streams may not be back yet:
+  cudaDeviceSynchronize();  // wait for it, then try once more
+  if (cudaMallocAsync(&p, n, s) == cudaSuccess) return p;
+  cudaGetLastError();
+  // PyTorch does not check a pluggable allocator's result: a null pointer would surface later
+  // as an illegal memory access, far from its cause. Stop here with the reason instead.
+  size_t free_b = 0, total_b = 0;
+  cudaMemGetInfo(&free_b, &total_b);
+  std::fprintf(stderr,
+               "memoplan planned allocator: CUDA out of memory allocating %zu bytes on device "
+               "%d (%zu of %zu bytes free). The plan or the model does not fit: solve with a "
+               "smaller --gpu-mem-gb, or run without install_allocator() to get PyTorch's "
+               "OutOfMemoryError.\n", n, device, free_b, total_b);
+  std::abort();
 }
 static void pool_free(void* p, cudaStream_t s) { cudaFreeAsync(p, s); }
 static int64_t pool_reserved_high(int device) {
@@ -180,12 +194,15 @@ void mp_free(void* ptr, ssize_t size, int device, cudaStream_t stream) {
   pool_free(ptr, stream);
 }
 
-// The arena: a buffer memoplan allocated (from the pool) for the plan.
-void mp_set_arena(void* base, int64_t size) {
+// The arena: a buffer memoplan allocated (from the pool) for the plan. Refused (0) while
+// another arena still has live planned tensors or reserved ranges.
+int mp_set_arena(void* base, int64_t size) {
   State& s = S();
   std::lock_guard<std::mutex> lock(s.mu);
+  if (s.arena && (char*)base != s.arena && (!s.live.empty() || !s.reserved.empty())) return 0;
   s.arena = (char*)base;
   s.arena_size = size;
+  return 1;
 }
 
 // Start a phase on `stream`: n requests with planned sizes (multiples of `align`) and offsets
