@@ -227,3 +227,22 @@ def test_host_buffers_are_made_once_and_reused_every_step():
         model(*mod.example_inputs(SEQ)).float().pow(2).mean().backward()
         sizes.append(model._memoplan_runner.copier.host_buffer_bytes)
     assert sizes[0] > 0 and sizes[0] == sizes[1] == sizes[2]
+
+
+def test_a_forward_without_backward_leaves_nothing_behind():
+    """Evaluation under grad (no backward): once the output is dropped, no layer state stays."""
+    import gc
+    import weakref
+
+    prof, plan, model, layer, args, kwargs = _one_layer("gpt")
+    spec = importlib.util.spec_from_file_location("mem_gpt4", EXAMPLES / "gpt" / "model.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = model(*mod.example_inputs(SEQ))
+    runner = model._memoplan_runner
+    states = [ref() for ref in runner.pending.values()]
+    assert states and all(s is not None for s in states)
+    refs = [weakref.ref(s) for s in states]
+    del out, states
+    gc.collect()
+    assert all(r() is None for r in refs)

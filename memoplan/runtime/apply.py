@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import types
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -66,7 +67,9 @@ class _Runner:
         self.tracing = False  # while True, wrapped layers run their original forward
         self.poison = False   # debug: NaN-fill every dropped or copied-out device tensor
         self.recomputed_tokens = 0
-        self.pending: dict[int, LayerState] = {}  # layer index -> state of its latest forward
+        # layer index -> its latest forward's state, weakly: a graph that is dropped without a
+        # backward (evaluation under grad) must not keep its tensors alive here
+        self.pending: dict[int, weakref.ref[LayerState]] = {}
         self.prefetched_ahead = 0  # layers whose data was prefetched during the next backward
         self.host_bytes = 0   # host copies made so far (summed over layer calls)
 
@@ -206,7 +209,7 @@ class _LayerFunction(torch.autograd.Function):
         with runner.phase("forward", index, inputs[0].device, prog):
             outputs, state = forward_layer(prog, mode, alpha, runner.copier, index, states,
                                            [t.detach() for t in inputs], poison=runner.poison)
-        runner.pending[index] = state
+        runner.pending[index] = weakref.ref(state)
         ctx.index = index
         runner.host_bytes += sum(t.numel() * t.element_size() for t in state.host.values())
         ctx.prog, ctx.mode, ctx.runner, ctx.state = prog, mode, runner, state
@@ -219,7 +222,7 @@ class _LayerFunction(torch.autograd.Function):
         prog: LayerProgram = ctx.prog
         state: LayerState = ctx.state
         runner: _Runner = ctx.runner
-        previous = runner.pending.pop(ctx.index - 1, None)
+        previous = runner.pending.pop(ctx.index - 1, lambda: None)()
         arena = runner.arena_on(grad_outputs[0].device)
         runner.copier.release_copied()  # forward's copy sources go before anything is leased
         if previous is not None and previous.host:  # its copies overlap this layer's backward
