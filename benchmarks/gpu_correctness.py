@@ -46,7 +46,7 @@ def load(name: str):
 def loss_of(mod, model, seq, device):
     inputs = tree_map_only(torch.Tensor, lambda t: t.to(device), mod.example_inputs(seq))
     out = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
-    return out.float().pow(2).mean()
+    return mod.loss_fn(out) if hasattr(mod, "loss_fn") else out.float().pow(2).mean()
 
 
 def rel(a, b) -> float:
