@@ -91,11 +91,12 @@ class _Runner:
         """Layer ``index``'s ``phase`` replays the plan's addresses (with the planned allocator
         installed; otherwise nothing happens)."""
         arena = self.arena_on(device)
+        if arena.planner is not None:
+            arena.start()  # may find another model's arena in use and drop the planner
         planner = arena.planner
         if planner is None:
             yield
             return
-        arena.start()
         if (phase, index) not in self.slots:
             self.slots[phase, index] = allocator.phase_slots(
                 self.plan, phase, index, frozenset(prog.input_grad_names))
@@ -111,8 +112,8 @@ class _Runner:
 def stats(model: torch.nn.Module) -> dict[str, Any]:
     """What the runtime did so far for ``model`` (a model passed to :func:`apply`): layer calls,
     host bytes copied, tokens recomputed, layers prefetched ahead, host buffer bytes (pinned on
-    a GPU), arena
-    views placed / fallen back, and the planned allocator's counters when it is installed
+    a GPU), arena views placed / fallen back, and the planned allocator's counters when it is
+    installed
     (``planned``, ``shifted``, ``unplanned``: requests that left the plan, ``outside``)."""
     runner = getattr(model, "_memoplan_runner", None)
     if runner is None:
