@@ -134,7 +134,8 @@ def run(stack, inputs, strategy: str, steps: int, device: torch.device) -> dict:
         result["reserved"] = torch.cuda.max_memory_reserved()
     if strategy.startswith("memoplan"):
         result["runtime"] = {k: v for k, v in runtime.stats(stack).items()}
-        result["pinned"] = result["runtime"]["host_buffer_bytes"] if cuda else None
+        rt = result["runtime"]
+        result["pinned"] = rt["host_slab_bytes"] + rt["host_extra_bytes"] if cuda else None
     return result
 
 

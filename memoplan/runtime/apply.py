@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import types
+import warnings
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -58,7 +59,7 @@ class _Runner:
 
     def __init__(self, plan: Plan, use_arena: bool | None) -> None:
         self.plan = plan
-        self.copier = Copier()
+        self.copier = Copier([l.alpha for l in plan.layers if l.mode == "offload"])
         self.use_arena = use_arena
         self.arena: Arena | None = None
         self.slots: dict[tuple[str, int], list[tuple[int, int]]] = {}  # planned allocator script
@@ -111,8 +112,9 @@ class _Runner:
 
 def stats(model: torch.nn.Module) -> dict[str, Any]:
     """What the runtime did so far for ``model`` (a model passed to :func:`apply`): layer calls,
-    host bytes copied, tokens recomputed, layers prefetched ahead, host buffer bytes (pinned on
-    a GPU), arena views placed / fallen back, and the planned allocator's counters when it is
+    host bytes copied, tokens recomputed, layers prefetched ahead, host memory (the slab sized
+    by the plan and pinned once on a GPU, the buffers carved from it, and those it could not
+    hold), copies made in dense pieces or staged through a dense device tensor, arena views placed / fallen back, and the planned allocator's counters when it is
     installed
     (``planned``, ``shifted``, ``unplanned``: requests that left the plan, ``outside``)."""
     runner = getattr(model, "_memoplan_runner", None)
@@ -121,7 +123,12 @@ def stats(model: torch.nn.Module) -> dict[str, Any]:
     out: dict[str, Any] = {
         "layer_calls": runner.calls, "host_bytes": runner.host_bytes,
         "recomputed_tokens": runner.recomputed_tokens, "prefetched_ahead": runner.prefetched_ahead,
+        "host_slab_bytes": runner.copier.slab_bytes,
         "host_buffer_bytes": runner.copier.host_buffer_bytes,
+        "host_extra_bytes": runner.copier.extra_bytes,
+        "pieced_copies": runner.copier.pieced,
+        "staged_copies": runner.copier.staged,
+        "copied_whole_instead": sorted({c for p in runner.programs.values() for c in p.whole_instead}),
         "arena_bytes": runner.arena.nbytes if runner.arena else 0,
         "arena_views": runner.arena.hits if runner.arena else 0,
         "arena_fallbacks": runner.arena.misses if runner.arena else 0}
@@ -194,10 +201,19 @@ def _program(runner: _Runner, layer: torch.nn.Module, args: tuple, kwargs: dict)
     if key not in runner.programs:
         runner.tracing = True
         try:
-            runner.programs[key] = build_program(layer, args, kwargs, runner.plan.layer,
-                                                 runner.plan.layer_class)
+            prog = runner.programs[key] = build_program(layer, args, kwargs, runner.plan.layer,
+                                                        runner.plan.layer_class)
         finally:
             runner.tracing = False
+        if prog.whole_instead:
+            shapes = [tuple(x.shape) for x in leaves if isinstance(x, torch.Tensor)]
+            warnings.warn(
+                f"memoplan: at input shapes {shapes}, {len(prog.whole_instead)} saved tensors of "
+                f"'{runner.plan.layer_class}' that the profile found token-wise cannot be "
+                f"recomputed by token (their ops merge the token axis with another one, as a "
+                f"batch > 1 flattened for a matmul does); they are copied to host whole instead. "
+                f"Gradients stay exact, but the plan's memory and time figures assume the "
+                f"profiled shapes: profile and train with batch 1 per GPU.", stacklevel=4)
     return runner.programs[key]
 
 

@@ -9,8 +9,8 @@ through the token-wise ops (never through attention), and runs the backward grap
 only their input and re-run the whole forward.
 
 On a CPU, "host" copies are plain clones and the copy streams do not exist, so CI checks the
-numerics of exactly this schedule. On a GPU, copies go to pinned host buffers that are
-allocated once per (layer, tensor) and reused every step, on a device-to-host stream, and come
+numerics of exactly this schedule. On a GPU, copies go to host buffers carved from one slab that
+is sized by the plan and pinned once, reused every step, on a device-to-host stream, and come
 back on a host-to-device stream (see ``streams.py``) into views of the plan's arena (see
 ``arena.py``; on a CPU too, so CI runs that path).
 """
@@ -27,7 +27,7 @@ from torch.utils import _pytree as pytree
 
 from memoplan.runtime.arena import Arena, Lease, dim_order
 from memoplan.runtime.program import LayerProgram
-from memoplan.runtime.streams import Copier
+from memoplan.runtime.streams import Copier, aligned
 from memoplan.trace.recompute import run_on_tokens
 
 
@@ -88,6 +88,7 @@ def forward_layer(prog: LayerProgram, mode: str, alpha: float, copier: Copier, i
     for name, p in zip((p.name for p in prog.placeholders), _placeholder_values(prog, params, inputs)):
         if prog.roles[name] == "shared":
             state.device[name] = p
+    copies: list[tuple[str, torch.Tensor]] = []  # (creator, what goes to host)
     for c, h in prog.handling.items():
         if h.how in ("state", "shared"):
             continue
@@ -99,7 +100,7 @@ def forward_layer(prog: LayerProgram, mode: str, alpha: float, copier: Copier, i
                 state.device[c] = value
         elif h.how == "whole":
             state.layout[c] = dim_order(value)
-            state.slot[c], state.host[c] = copier.to_host(f"{key}/{c}", value, state.layout[c])
+            copies.append((c, value))
         else:
             seq = value.shape[h.axis]
             k = int(alpha * seq)
@@ -107,8 +108,11 @@ def forward_layer(prog: LayerProgram, mode: str, alpha: float, copier: Copier, i
             state.shape[c] = (value.shape, value.dtype)
             state.layout[c] = dim_order(value)
             if k:
-                state.slot[c], state.host[c] = copier.to_host(
-                    f"{key}/{c}", value.narrow(h.axis, 0, k), state.layout[c])
+                copies.append((c, value.narrow(h.axis, 0, k)))
+    if copies and not copier.sized:  # the first offloaded layer call sizes the host memory
+        copier.reserve(lambda a: _host_bytes(prog, env, a), device)
+    for c, value in copies:
+        state.slot[c], state.host[c] = copier.to_host(f"{key}/{c}", value, state.layout[c])
     if mode == "recompute":  # the input must stay even if backward does not read it
         primary = next(p.name for p in prog.placeholders if prog.roles[p.name] == "primary")
         state.device.setdefault(primary, env[primary])
@@ -117,6 +121,22 @@ def forward_layer(prog: LayerProgram, mode: str, alpha: float, copier: Copier, i
         copier.wait_copies(index)  # the copies read these tensors: fill them once they are done
         _poison(prog, env, outputs, state)
     return outputs, state
+
+
+def _host_bytes(prog: LayerProgram, env: dict[str, Any], alpha: float) -> int:
+    """One offloaded layer call's host copies at swap fraction ``alpha`` (what ``forward_layer``
+    copies, each buffer rounded up as the copier carves it)."""
+    total = 0
+    for c, h in prog.handling.items():
+        v = env[c]
+        if h.how == "whole":
+            total += aligned(v.numel() * v.element_size())
+        elif h.how == "split":
+            seq = v.shape[h.axis]
+            k = int(alpha * seq)
+            if k:
+                total += aligned(v.numel() // seq * k * v.element_size())
+    return total
 
 
 def _poison(prog: LayerProgram, env: dict[str, Any], outputs: list[torch.Tensor],
@@ -148,7 +168,7 @@ def prefetch_layer(state: LayerState, copier: Copier, arena: Arena, device: torc
             dest = full.narrow(state.axis[c], 0, state.split_at[c])
         else:
             dest = state.lease.empty(host.shape, host.dtype, state.layout[c])
-        state.fetched[c] = copier.prefetch(host, dest)
+        state.fetched[c] = copier.prefetch(host, dest, state.layout[c])
     for c in state.split_at:  # tensors with no token copied (alpha 0) still need a buffer
         if c not in state.full:
             shape, dtype = state.shape[c]

@@ -51,6 +51,7 @@ class LayerProgram:
     input_grad_names: list[str] = field(default_factory=list)  # backward outputs: input grads
     node: dict[str, fx.Node] = field(default_factory=dict)
     recompute_order: dict[str, list[str]] = field(default_factory=dict)
+    whole_instead: list[str] = field(default_factory=list)  # token-wise, but not at this shape
     # node name -> values to drop once it has run (each value right after its last use)
     drop_forward: dict[str, list[str]] = field(default_factory=dict)
     drop_refold: dict[str, list[str]] = field(default_factory=dict)   # forward re-run in backward
@@ -110,9 +111,7 @@ def build_program(layer: torch.nn.Module, args: tuple, kwargs: dict, plan_layer:
                         num_outputs=tr.num_outputs, out_spec=out_spec, out_template=template,
                         grad_input_pos=grad_pos,
                         node={n.name: n for n in tr.gm.graph.nodes})
-    for c, h in handling.items():
-        if h.how == "split":
-            prog.recompute_order[c] = _ancestry(prog, c)
+    _order_recomputation(prog)
     out = pytree.tree_leaves(next(n for n in tr.gm.graph.nodes if n.op == "output").args[0])
     prog.input_grad_names = [n.name for n in out[tr.num_outputs:tr.num_outputs + len(grad_pos)]
                              if isinstance(n, fx.Node)]
@@ -178,6 +177,40 @@ def _check_same_graph(tr: LayerTrace, plan_layer: dict, layer_name: str) -> None
         f"({mine} here, {theirs} in the profile). The plan was profiled on another device or "
         f"for another version of the layer: run 'memoplan profile' again on this device "
         f"(--device cuda on a GPU) and solve a new plan.")
+
+
+def _order_recomputation(prog: LayerProgram) -> None:
+    """The ops that rebuild each split tensor. A tensor whose rebuild would meet its token axis
+    merged with another one at this call's shape (batch > 1 flattened into the token axis for a
+    matmul: the profile, at batch 1, saw a token axis there) is copied whole instead."""
+    changed = True
+    while changed:
+        changed = False
+        for c, h in list(prog.handling.items()):
+            if h.how == "split":
+                order = _ancestry(prog, c)
+                if _token_sizes_agree(prog, order, prog.trace.values[c].shape[h.axis]):
+                    prog.recompute_order[c] = order
+                else:
+                    prog.handling[c] = Handling(creator=c, how="whole")
+                    prog.whole_instead.append(c)
+                    changed = True  # the others may now read it as a kept value
+    prog.recompute_order = {c: o for c, o in prog.recompute_order.items()
+                            if prog.handling[c].how == "split"}
+
+
+def _token_sizes_agree(prog: LayerProgram, names: list[str], seq: int) -> bool:
+    """Whether every value these ops make or read has ``seq`` entries at its token axis."""
+    seen = set(names)
+    for name in names:
+        n = prog.node[name]
+        seen |= {a.name for a in pytree.tree_leaves((n.args, n.kwargs)) if isinstance(a, fx.Node)}
+    for name in seen:
+        v, ax = prog.trace.values.get(name), prog.axes.get(name, [])
+        if isinstance(v, torch.Tensor) and len(ax) == 1 and len(ax[0]) == 1 \
+                and v.shape[ax[0][0]] != seq:
+            return False
+    return True
 
 
 def _ancestry(prog: LayerProgram, creator: str) -> list[str]:

@@ -1,13 +1,29 @@
 """Moving kept tensors between the device and the host.
 
-``Copier`` on a CPU clones (the "host" is the same memory space), so CI exercises the same
-schedule. On a CUDA device it copies on two side streams: device-to-host after each layer's
-forward (the compute stream goes on with the next layer) and host-to-device in backward, where
-a layer's data is prefetched into its arena block while the next layer (in backward order)
-computes. Host buffers (pinned on a GPU) are kept per (layer, tensor, shape) and reused every
-step once their backward has brought them back: pinning is slow (1.9 s for 4 GiB on an H200
-host), so it never happens per step once the first iteration has run, and a second forward of
-a layer before its backward gets buffers of its own.
+``Copier`` on a CPU copies within host memory (the "host" is the same memory space), so CI
+exercises the same schedule and the same buffer handling. On a CUDA device it copies on two
+side streams: device-to-host after each layer's forward (the compute stream goes on with the
+next layer) and host-to-device in backward, where a layer's data is prefetched into its arena
+block while the next layer (in backward order) computes.
+
+Host memory is one slab, sized by the plan before the first copy and pinned once: the host
+copies of one iteration at the length the run sees (every offloaded layer's whole tensors and
+the alpha share of its split ones, from the plan's modes and swap fractions). On a GPU it is
+page-locked with ``cudaHostRegister`` at exactly that size: ``pin_memory=True`` goes through
+PyTorch's caching host allocator, which rounds every block up to a power of two (a 70 GiB
+request pins 128 GiB), and pinning is slow (1.9 s for 4 GiB on an H200 host). Buffers are carved
+from the slab per (layer, tensor) and reused every step once their backward has brought them
+back. A buffer the slab cannot hold (a second forward of a layer before its backward, a longer
+sequence than the first step's) is allocated on its own and counted (``extra_bytes``).
+
+Every transfer is made of plain memory copies: the host buffer holds the tensor's elements
+densely in the device tensor's own memory order. A device side that is not dense in that order
+(the first k tokens of a tensor whose token axis is not outermost: heads before tokens, or
+batch > 1) is copied in dense pieces, one per index of the dims outside the token axis, or,
+beyond ``MAX_PIECES`` pieces, through a dense staging tensor on the device. A copy between a
+device tensor and a host tensor of different layouts would make PyTorch stage through pageable
+host memory on the CPU: synchronous, and it reads the host buffer without waiting for the copy
+streams.
 
 Stream safety does not rely on ``record_stream`` (a process-wide pluggable allocator, see
 ``allocator.py``, ignores it): the device tensors a layer copies out are held, with an event
@@ -21,25 +37,102 @@ untested until the GPU checks in benchmarks/ have been run.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from memoplan.runtime.arena import empty_laid_out
+from memoplan.errors import MemoplanError
+from memoplan.units import fmt_bytes
+
+ALIGN = 512       # bytes; host buffers start at multiples of this inside the slab
+MAX_PIECES = 256  # a copy in more dense pieces than this goes through a staging tensor
+
+
+def aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
+
+def _leading_dims_to_split(t: torch.Tensor) -> int | None:
+    """The fewest leading dims of ``t`` to loop over so that each piece is dense, or None if
+    that makes more than ``MAX_PIECES`` pieces."""
+    if t.numel() == 0:
+        return 0
+    pieces = 1
+    for j in range(t.dim() + 1):
+        if t[(0,) * j].is_contiguous():  # every piece has the strides of the first one
+            return j
+        pieces *= t.shape[j]
+        if pieces > MAX_PIECES:
+            return None
+    return None
+
+
+class _Slab:
+    """One block of host memory; page-locked at exactly its size on a GPU host."""
+
+    def __init__(self, nbytes: int, pin: bool) -> None:
+        self.tensor = torch.empty(nbytes, dtype=torch.uint8)
+        self.used = 0
+        self.pinned = False
+        if pin and nbytes:
+            rc = int(torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), nbytes, 0))
+            if rc != 0:
+                raise MemoplanError(
+                    f"Pinning {fmt_bytes(nbytes)} of host memory for this plan's host copies "
+                    f"failed (cudaHostRegister error {rc}). The host may lack that much free "
+                    f"memory, or the locked-memory limit is too low ('ulimit -l'). Solve again "
+                    f"with a smaller --host-mem-gb, or raise the limit.")
+            self.pinned = True
+
+    def carve(self, nbytes: int) -> torch.Tensor | None:
+        """``nbytes`` of the slab not handed out before, or None when it is full."""
+        if self.used + nbytes > self.tensor.numel():
+            return None
+        raw = self.tensor[self.used: self.used + nbytes]
+        self.used += aligned(nbytes)
+        return raw
+
+    def __del__(self) -> None:
+        if self.pinned:
+            with contextlib.suppress(Exception):  # at interpreter exit CUDA may be gone already
+                torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
 
 
 class Copier:
-    """Device <-> host copies for one model; one instance serves all its layers."""
+    """Device <-> host copies for one model; one instance serves all its layers.
 
-    def __init__(self) -> None:
-        # host buffers by (layer/tensor key, shape, dtype, layout): free ones wait for reuse;
-        # one held by a layer call that has not run its backward yet is never written again
-        self._free: dict[tuple, list[torch.Tensor]] = {}
+    ``alphas``: the swap fraction of each offloaded layer of the plan (sizes the slab)."""
+
+    def __init__(self, alphas: list[float]) -> None:
+        self.alphas = alphas
+        self._slab: _Slab | None = None
+        # free host buffers (raw bytes) by layer/tensor key; one held by a layer call that has
+        # not run its backward yet is never written again
+        self._free: dict[str, list[torch.Tensor]] = {}
         self._d2h: torch.cuda.Stream | None = None
         self._h2d: torch.cuda.Stream | None = None
-        self.host_buffer_bytes = 0                           # all host buffers made (pinned on a GPU)
+        self.slab_bytes = 0            # host memory reserved up front (pinned on a GPU)
+        self.host_buffer_bytes = 0     # all host buffers made (slab or extra)
+        self.extra_bytes = 0           # host buffers the slab could not hold
+        self.pieced = 0                # transfers done as one copy per dense piece
+        self.staged = 0                # transfers staged through a dense device tensor
         self._copying: list[torch.Tensor] = []               # sources of this forward's copies
         self._held: dict[int, tuple[Any, list[torch.Tensor]]] = {}  # layer -> (event, sources)
+
+    @property
+    def sized(self) -> bool:
+        return self._slab is not None
+
+    def reserve(self, need: Callable[[float], int], device: torch.device) -> None:
+        """Make the slab (once): ``need(alpha)`` is one offloaded layer's host bytes at this
+        run's length, every buffer rounded up with :func:`aligned`."""
+        if self._slab is None:
+            total = sum(need(a) for a in self.alphas)
+            self._slab = _Slab(total, pin=device.type == "cuda")
+            self.slab_bytes = total
 
     def _streams(self, device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream]:
         if self._d2h is None:
@@ -47,31 +140,70 @@ class Copier:
             self._h2d = torch.cuda.Stream(device)
         return self._d2h, self._h2d
 
-    def to_host(self, key: str, t: torch.Tensor, order: list[int]) -> tuple[tuple, torch.Tensor]:
-        """Copy ``t`` into a host buffer laid out in ``order``; returns (the buffer's slot, the
-        buffer). Hand the slot back with ``give_back`` once the copy has been brought back."""
-        slot = (key, tuple(t.shape), t.dtype, tuple(order))
-        free = self._free.get(slot)
-        cuda = t.device.type == "cuda"
-        if free:
-            buf = free.pop()
-        else:  # pinning is slow: it happens only until every slot has its buffers
-            buf = empty_laid_out(t.shape, t.dtype, order, pin_memory=cuda)
-            self.host_buffer_bytes += buf.numel() * buf.element_size()
-        if not cuda:
-            buf.copy_(t)
-            return slot, buf
-        d2h, _ = self._streams(t.device)
-        d2h.wait_stream(torch.cuda.current_stream(t.device))  # t is written; buf's last read done
-        with torch.cuda.stream(d2h):
-            buf.copy_(t, non_blocking=True)
-        t.record_stream(d2h)  # enough for the caching allocator; the hold below for any other
-        self._copying.append(t)
-        return slot, buf
+    def _buffer(self, key: str, nbytes: int, cuda: bool) -> torch.Tensor:
+        """Raw host bytes for ``key``: a free buffer that is large enough, else a new one."""
+        free = self._free.setdefault(key, [])
+        for i, raw in enumerate(free):
+            if raw.numel() >= nbytes:
+                return free.pop(i)
+        free.clear()  # too small for this length: let them go (memory outside the slab is freed)
+        raw = self._slab.carve(nbytes) if self._slab is not None else None
+        if raw is None:
+            raw = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
+            self.extra_bytes += nbytes
+        self.host_buffer_bytes += nbytes
+        return raw
 
-    def give_back(self, slot: tuple, buf: torch.Tensor) -> None:
-        """``buf`` was copied back (the compute stream waited for that): reusable."""
-        self._free.setdefault(slot, []).append(buf)
+    def _on(self, stream: torch.cuda.Stream | None) -> contextlib.AbstractContextManager:
+        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+    def _copy(self, dst: torch.Tensor, src: torch.Tensor, cuda: bool) -> list[torch.Tensor]:
+        """``dst.copy_(src)`` as plain memory copies, where the host side is dense and the
+        device side may not be (the first k tokens of a tensor whose token axis is not
+        outermost): one copy per dense piece when there are at most ``MAX_PIECES``, else
+        through a dense device tensor. Returns the staging tensors to hold until the copy is
+        done (on a GPU)."""
+        strided = dst if src.is_contiguous() else src
+        j = _leading_dims_to_split(strided)
+        if j is not None:
+            if j:
+                self.pieced += 1
+            for idx in itertools.product(*map(range, strided.shape[:j])):
+                dst[idx].copy_(src[idx], non_blocking=cuda)
+            return []
+        self.staged += 1
+        if strided is src:
+            staged = src.contiguous()
+            dst.copy_(staged, non_blocking=cuda)
+        else:
+            staged = torch.empty(src.shape, dtype=src.dtype, device=dst.device)
+            staged.copy_(src, non_blocking=cuda)
+            dst.copy_(staged)
+        return [staged]
+
+    def to_host(self, key: str, t: torch.Tensor, order: list[int]) -> tuple[tuple, torch.Tensor]:
+        """Copy ``t`` into a host buffer that holds its elements in dim order ``order``
+        (outermost first); returns (the buffer's slot, the host tensor, shaped like ``t``).
+        Hand the slot back with ``give_back`` once the copy has been brought back."""
+        cuda = t.device.type == "cuda"
+        raw = self._buffer(key, t.numel() * t.element_size(), cuda)
+        dense = raw[: t.numel() * t.element_size()].view(t.dtype).view([t.shape[d] for d in order])
+        stream = None
+        if cuda:
+            stream, _ = self._streams(t.device)
+            stream.wait_stream(torch.cuda.current_stream(t.device))  # t is written, buffer free
+        with self._on(stream):
+            staged = self._copy(dense, t.permute(order), cuda)
+        if cuda:
+            t.record_stream(stream)  # enough for the caching allocator; the hold below for others
+            self._copying += [t, *staged]
+        return (key, raw), dense.permute([order.index(d) for d in range(t.dim())])
+
+    def give_back(self, slot: tuple, host: torch.Tensor) -> None:
+        """The copy in ``host`` was brought back (the compute stream waited for that): its
+        buffer is reusable."""
+        key, raw = slot
+        self._free.setdefault(key, []).append(raw)
 
     def finish_forward(self, index: int) -> None:
         """Layer ``index``'s copies are queued: hold their sources until they are done."""
@@ -100,19 +232,24 @@ class Copier:
             self.wait_copies(index)
             del self._held[index]
 
-    def prefetch(self, host: torch.Tensor, dest: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        """Start copying a host copy into ``dest`` on the host-to-device stream; returns ``dest``
-        and an event that ``ready`` waits for (the compute stream goes on meanwhile)."""
-        if dest.device.type != "cuda":
-            dest.copy_(host)
-            return dest, None
-        d2h, h2d = self._streams(dest.device)
-        h2d.wait_stream(d2h)  # the forward copy into this host buffer has finished
-        h2d.wait_stream(torch.cuda.current_stream(dest.device))  # earlier users of dest's memory
-        with torch.cuda.stream(h2d):
-            dest.copy_(host, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(h2d)
+    def prefetch(self, host: torch.Tensor, dest: torch.Tensor,
+                 order: list[int]) -> tuple[torch.Tensor, Any]:
+        """Start copying a host copy (from ``to_host``, laid out in ``order``) into ``dest``
+        (same shape) on the host-to-device stream; returns ``dest`` and an event that ``ready``
+        waits for (the compute stream goes on meanwhile)."""
+        src, dst = host.permute(order), dest.permute(order)  # src is dense by construction
+        cuda = dest.device.type == "cuda"
+        stream = None
+        if cuda:
+            d2h, stream = self._streams(dest.device)
+            stream.wait_stream(d2h)  # the forward copy into this host buffer has finished
+            stream.wait_stream(torch.cuda.current_stream(dest.device))  # dest's earlier users
+        with self._on(stream):
+            self._copy(dst, src, cuda)  # a staging tensor is freed in stream order after it
+            done = None
+            if cuda:
+                done = torch.cuda.Event()
+                done.record(stream)
         return dest, done
 
     def ready(self, fetched: tuple[torch.Tensor, Any]) -> torch.Tensor:
