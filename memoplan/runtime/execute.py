@@ -201,8 +201,7 @@ def backward_layer(prog: LayerProgram, mode: str, state: LayerState, copier: Cop
     with torch.no_grad(), _no_autocast(device):
         if mode == "recompute":
             _run(prog.forward_nodes, env, prog.drop_refold)
-        for c in state.split_at:
-            env[c] = _rebuild_split(prog, c, state, env, copier, device)
+        _rebuild_splits(prog, state, env, copier)
         _materialise_reads(prog, env)
         with planned():
             _run(prog.backward_nodes, env, prog.drop_backward)
@@ -221,25 +220,30 @@ def backward_layer(prog: LayerProgram, mode: str, state: LayerState, copier: Cop
     return grads
 
 
-def _rebuild_split(prog: LayerProgram, c: str, state: LayerState, env: dict[str, Any],
-                   copier: Copier, device: torch.device) -> torch.Tensor:
-    """The full tensor ``c`` in its buffer: first k tokens from host, the others recomputed."""
-    axis, k, seq = state.axis[c], state.split_at[c], state.seq[c]
-    full = state.full[c]
-    if k:
-        copier.ready(state.fetched[c])
-    if k < seq:
-        tokens = torch.arange(k, seq, device=device)
-        full.narrow(axis, k, seq - k).copy_(_recompute_tokens(prog, c, env, tokens, seq))
-        state.recomputed_tokens += seq - k
-    return full
+def _rebuild_splits(prog: LayerProgram, state: LayerState, env: dict[str, Any],
+                    copier: Copier) -> None:
+    """Every split tensor, whole, in its buffer: the first k tokens came from the host, the
+    others are recomputed into it, in one pass over the token-wise ops they need."""
+    groups: dict[tuple[int, int], list[str]] = {}
+    for c, k in state.split_at.items():
+        if k:
+            copier.ready(state.fetched[c])
+        groups.setdefault((k, state.seq[c]), []).append(c)
+    for (k, seq), creators in groups.items():
+        if k < seq:
+            group = frozenset(creators)
+            nodes, drops = prog.rebuild(group)
 
+            def into_buffer(name: str, value: torch.Tensor, k: int = k, seq: int = seq,
+                            group: frozenset = group) -> None:
+                if name in group:
+                    state.full[name].narrow(state.axis[name], k, seq - k).copy_(value)
 
-def _recompute_tokens(prog: LayerProgram, c: str, env: dict[str, Any], tokens: torch.Tensor,
-                      seq: int) -> torch.Tensor:
-    """Re-run ``c``'s token-wise ancestry for ``tokens`` only (kept inputs sliced to them)."""
-    nodes = [prog.node[name] for name in prog.recompute_order[c]]
-    return run_on_tokens(nodes, env.__getitem__, prog.axes, tokens, seq)[c]
+            run_on_tokens(nodes, env.__getitem__, prog.axes, range(k, seq), seq,
+                          drops=drops, made=into_buffer)
+            state.recomputed_tokens += (seq - k) * len(creators)
+    for c in state.split_at:
+        env[c] = state.full[c]
 
 
 def _materialise_reads(prog: LayerProgram, env: dict[str, Any]) -> None:

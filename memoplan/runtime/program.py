@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from memoplan.errors import MemoplanError
-from memoplan.trace.graph import LayerTrace, trace_layer
+from memoplan.trace.graph import LayerTrace, release_after, trace_layer
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,6 +52,18 @@ class LayerProgram:
     node: dict[str, fx.Node] = field(default_factory=dict)
     recompute_order: dict[str, list[str]] = field(default_factory=dict)
     whole_instead: list[str] = field(default_factory=list)  # token-wise, but not at this shape
+    _rebuilds: dict[frozenset, tuple[list[fx.Node], dict[str, list[str]]]] = field(
+        default_factory=dict)
+
+    def rebuild(self, creators: frozenset[str]) -> tuple[list[fx.Node], dict[str, list[str]]]:
+        """The ops that rebuild ``creators`` together, each run once, in graph order (their
+        ancestries overlap: rebuilding each tensor alone would re-run the shared matmuls), and
+        when to drop each value they make or read."""
+        if creators not in self._rebuilds:
+            names = set().union(*(self.recompute_order[c] for c in creators))
+            nodes = [n for n in self.trace.gm.graph.nodes if n.name in names]
+            self._rebuilds[creators] = nodes, release_after(nodes, set())
+        return self._rebuilds[creators]
     # node name -> values to drop once it has run (each value right after its last use)
     drop_forward: dict[str, list[str]] = field(default_factory=dict)
     drop_refold: dict[str, list[str]] = field(default_factory=dict)   # forward re-run in backward
@@ -122,26 +134,6 @@ def build_program(layer: torch.nn.Module, args: tuple, kwargs: dict, plan_layer:
     prog.drop_backward = release_after(
         tr.backward_nodes, {n.name for n in out[tr.num_outputs:] if isinstance(n, fx.Node)})
     return prog
-
-
-def release_after(nodes: list[fx.Node], keep: set[str]) -> dict[str, list[str]]:
-    """For each node, the values (other than ``keep``) whose last use among ``nodes`` it is.
-
-    Replaying a graph while holding every value until its end would keep a layer's whole
-    forward alive at once; dropping each value after its last use gives the live set that the
-    profile's request trace (and so the plan) assumes.
-    """
-    last: dict[str, str] = {}
-    for n in nodes:
-        for a in pytree.tree_leaves((n.args, n.kwargs)):
-            if isinstance(a, fx.Node):
-                last[a.name] = n.name
-        last.setdefault(n.name, n.name)  # a value nobody reads goes right away
-    drops: dict[str, list[str]] = {}
-    for name, at in last.items():
-        if name not in keep:
-            drops.setdefault(at, []).append(name)
-    return drops
 
 
 def _requires_grad(tr: LayerTrace, name: str) -> bool:

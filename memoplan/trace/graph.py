@@ -280,3 +280,23 @@ def attention_flops(n: fx.Node, env: dict) -> int | None:
     if a.get("is_causal"):
         fwd //= 2
     return 2 * fwd if "backward" in name else fwd
+
+
+def release_after(nodes: list[fx.Node], keep: set[str]) -> dict[str, list[str]]:
+    """For each node, the values (other than ``keep``) whose last use among ``nodes`` it is.
+
+    Replaying a graph while holding every value until its end would keep a layer's whole
+    forward alive at once; dropping each value after its last use gives the live set that the
+    profile's request trace (and so the plan) assumes.
+    """
+    last: dict[str, str] = {}
+    for n in nodes:
+        for a in pytree.tree_leaves((n.args, n.kwargs)):
+            if isinstance(a, fx.Node):
+                last[a.name] = n.name
+        last.setdefault(n.name, n.name)  # a value nobody reads goes right away
+    drops: dict[str, list[str]] = {}
+    for name, at in last.items():
+        if name not in keep:
+            drops.setdefault(at, []).append(name)
+    return drops

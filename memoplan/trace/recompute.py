@@ -24,38 +24,47 @@ def dim_order(t: torch.Tensor) -> list[int]:
     return sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
 
 
-def select_tokens(v: torch.Tensor, axis: int, tokens: torch.Tensor) -> torch.Tensor:
+def select_tokens(v: torch.Tensor, axis: int, tokens: torch.Tensor | range) -> torch.Tensor:
     """``v.index_select(axis, tokens)`` laid out in memory in the same dimension order as ``v``,
-    so that the views the graph takes of it (transpose then view) stay valid."""
+    so that the views the graph takes of it (transpose then view) stay valid. A ``range`` of
+    tokens is a narrow: no copy when the token axis is outermost in memory."""
     order = dim_order(v)
     inverse = [order.index(d) for d in range(v.dim())]
-    picked = v.permute(order).index_select(order.index(axis), tokens).contiguous()
-    return picked.permute(inverse)
+    laid = v.permute(order)
+    if isinstance(tokens, range) and tokens.step == 1:
+        picked = laid.narrow(order.index(axis), tokens.start, len(tokens))
+    else:
+        picked = laid.index_select(order.index(axis), torch.as_tensor(tokens, device=v.device))
+    return picked.contiguous().permute(inverse)
 
 
 def run_on_tokens(nodes: list[fx.Node], lookup: Callable[[str], Any],
-                  axes: dict[str, list[tuple[int, ...]]], tokens: torch.Tensor, seq: int,
-                  cast: Callable[[Any], Any] = lambda a: a) -> dict[str, Any]:
+                  axes: dict[str, list[tuple[int, ...]]], tokens: torch.Tensor | range, seq: int,
+                  cast: Callable[[Any], Any] = lambda a: a, *,
+                  drops: dict[str, list[str]] | None = None,
+                  made: Callable[[str, Any], None] | None = None) -> dict[str, Any]:
     """Run ``nodes`` (token-wise ops, in graph order) for ``tokens`` only.
 
     Values from outside come from ``lookup(name)``; those with one token axis are sliced to the
     tokens. A size list argument whose entry at the node's output token axis equals ``seq``
     (view/reshape/expand sizes) gets the subset's length there; no other integer is touched, so
     a hidden size that happens to equal the length stays as it is. ``cast`` maps the other
-    constant arguments (the profile's float32 shadow run upcasts dtypes).
+    constant arguments (the profile's float32 shadow run upcasts dtypes). ``made(name, value)``
+    sees each value as it is made; ``drops`` (node -> names, see ``release_after``) lets go of
+    each value after its last use, so the values are not all alive at once.
     """
-    k = int(tokens.numel())
+    k = len(tokens) if isinstance(tokens, range) else int(tokens.numel())
     local: dict[str, Any] = {}
 
     def value(a: Any) -> Any:
         if isinstance(a, fx.Node):
-            if a.name in local:
-                return local[a.name]
-            v = lookup(a.name)
-            ax = axes.get(a.name, [])
-            if isinstance(v, torch.Tensor) and len(ax) == 1 and len(ax[0]) == 1:
-                return select_tokens(v, ax[0][0], tokens)
-            return v
+            if a.name not in local:  # from outside: sliced once
+                v = lookup(a.name)
+                ax = axes.get(a.name, [])
+                if isinstance(v, torch.Tensor) and len(ax) == 1 and len(ax[0]) == 1:
+                    v = select_tokens(v, ax[0][0], tokens)
+                local[a.name] = v
+            return local[a.name]
         return cast(a)
 
     with torch.no_grad():
@@ -66,6 +75,10 @@ def run_on_tokens(nodes: list[fx.Node], lookup: Callable[[str], Any],
             if len(out_axes) == 1 and len(out_axes[0]) == 1:
                 args = tuple(_resize(a, out_axes[0][0], seq, k) for a in args)
             local[n.name] = n.target(*args, **kwargs)
+            if made is not None:
+                made(n.name, local[n.name])
+            for name in (drops or {}).get(n.name, ()):
+                local.pop(name, None)
     return local
 
 
