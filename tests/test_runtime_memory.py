@@ -14,6 +14,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import EXAMPLES
+from memoplan.errors import MemoplanError
 from memoplan.hardware import get_hardware
 from memoplan.runtime import apply, stats
 from memoplan.runtime.arena import Arena
@@ -87,7 +88,7 @@ def test_a_layer_holds_what_the_trace_says(name):
     arena = runner.arena
     hits = arena.hits
     before = runner.host_bytes
-    slab = runner.copier._slab.tensor  # noqa: SLF001  the host memory, reserved once
+    slab = runner.copier._slab.base  # noqa: SLF001  the host memory, reserved once
     fwd = LiveBytes(slab)
     with fwd:
         out = layer(*args, **kwargs)
@@ -319,3 +320,17 @@ def test_dropped_tokens_are_rebuilt_in_one_pass():
     with count:
         out.backward(torch.ones_like(out))
     assert expected and {k: count.seen[k] for k in expected} == dict(expected)
+
+
+def test_a_copied_tensor_written_in_place_after_its_forward_is_refused():
+    """The layer input is copied to host, not saved for autograd: a later in-place write to it
+    would race the copy on a GPU. It is refused with a message, as autograd would refuse it."""
+    prof, plan, model, layer, args, kwargs = _one_layer("gpt")
+    x = args[0] * 1.0
+    out = layer(x, *args[1:], **kwargs)
+    with torch.no_grad():
+        x.add_(1.0)
+    with pytest.raises(MemoplanError, match="modified in place"):
+        out.backward(torch.ones_like(out))
+    out = layer(args[0] * 1.0, *args[1:], **kwargs)  # written out of place: fine
+    out.backward(torch.ones_like(out))

@@ -34,7 +34,7 @@ from memoplan.runtime import allocator
 from memoplan.runtime.arena import Arena
 from memoplan.runtime.execute import LayerState, backward_layer, forward_layer, prefetch_layer
 from memoplan.runtime.program import LayerProgram, build_program
-from memoplan.runtime.streams import Copier
+from memoplan.runtime.streams import Copier, modified_in_place
 from memoplan.signature import layer_signature
 
 
@@ -114,8 +114,9 @@ def stats(model: torch.nn.Module) -> dict[str, Any]:
     """What the runtime did so far for ``model`` (a model passed to :func:`apply`): layer calls,
     host bytes copied, tokens recomputed, layers prefetched ahead, host memory (the slab sized
     by the plan and pinned once on a GPU, the buffers carved from it, and those it could not
-    hold), copies made in dense pieces or staged through a dense device tensor, arena views placed / fallen back, and the planned allocator's counters when it is
-    installed
+    hold), copies made in dense pieces or staged through a dense device tensor, saved tensors
+    copied whole because they could not be recomputed by token at the run's shapes, arena
+    views placed / fallen back, and the planned allocator's counters when it is installed
     (``planned``, ``shifted``, ``unplanned``: requests that left the plan, ``outside``)."""
     runner = getattr(model, "_memoplan_runner", None)
     if runner is None:
@@ -128,7 +129,8 @@ def stats(model: torch.nn.Module) -> dict[str, Any]:
         "host_extra_bytes": runner.copier.extra_bytes,
         "pieced_copies": runner.copier.pieced,
         "staged_copies": runner.copier.staged,
-        "copied_whole_instead": sorted({c for p in runner.programs.values() for c in p.whole_instead}),
+        "copied_whole_instead": sorted({c for prog in runner.programs.values()
+                                        for c in prog.whole_instead}),
         "arena_bytes": runner.arena.nbytes if runner.arena else 0,
         "arena_views": runner.arena.hits if runner.arena else 0,
         "arena_fallbacks": runner.arena.misses if runner.arena else 0}
@@ -227,6 +229,8 @@ class _LayerFunction(torch.autograd.Function):
             outputs, state = forward_layer(prog, mode, alpha, runner.copier, index, states,
                                            [t.detach() for t in inputs], poison=runner.poison)
         runner.pending[index] = weakref.ref(state)
+        # the inputs are kept (copied or on the device), not saved for autograd: watch them
+        ctx.input_versions = [(weakref.ref(t), t._version) for t in inputs]
         ctx.index = index
         runner.host_bytes += sum(t.numel() * t.element_size() for t in state.host.values())
         ctx.prog, ctx.mode, ctx.runner, ctx.state = prog, mode, runner, state
@@ -239,6 +243,8 @@ class _LayerFunction(torch.autograd.Function):
         prog: LayerProgram = ctx.prog
         state: LayerState = ctx.state
         runner: _Runner = ctx.runner
+        if any(t() is not None and t()._version != v for t, v in ctx.input_versions):
+            raise modified_in_place(ctx.index)
         previous = runner.pending.pop(ctx.index - 1, lambda: None)()
         arena = runner.arena_on(grad_outputs[0].device)
         runner.copier.release_copied()  # forward's copy sources go before anything is leased

@@ -14,19 +14,19 @@ PyTorch's caching host allocator, which rounds every block up to a power of two 
 request pins 128 GiB), and pinning is slow (1.9 s for 4 GiB on an H200 host). Buffers are carved
 from the slab per (layer, tensor) and reused every step once their backward has brought them
 back. A buffer the slab cannot hold (a second forward of a layer before its backward, a longer
-sequence than the first step's) is allocated on its own and counted (``extra_bytes``).
+sequence than the first step's) is a slab of its own, counted (``extra_bytes``) and freed when
+no longer used; slab space left by buffers outgrown this way is not reused.
 
 Every transfer is made of plain memory copies: the host buffer holds the tensor's elements
-densely in the device tensor's own memory order. A device side that is not dense in that order
-(the first k tokens of a tensor whose token axis is not outermost: heads before tokens, or
-batch > 1) is copied in dense pieces, one per index of the dims outside the token axis, or,
-beyond ``MAX_PIECES`` pieces, through a dense staging tensor on the device. A copy between a
-device tensor and a host tensor of different layouts would make PyTorch stage through pageable
-host memory on the CPU: synchronous, and it reads the host buffer without waiting for the copy
-streams.
+densely in the device tensor's own memory order (a host side that is not dense would make
+PyTorch stage through pageable memory on the CPU, synchronously). A device side that is not
+dense in that order (the first k tokens of a tensor whose token axis is not outermost: heads
+before tokens, or batch > 1) is copied in dense pieces, one per index of the dims outside the
+token axis, or, beyond ``MAX_PIECES`` pieces, through a dense staging tensor on the device.
 
-Stream safety does not rely on ``record_stream`` (a process-wide pluggable allocator, see
-``allocator.py``, ignores it): the device tensors a layer copies out are held, with an event
+Stream safety does not use ``record_stream`` (a process-wide pluggable allocator, see
+``allocator.py``, ignores it, and the caching allocator would keep the memory until the copies
+queued after it end too): the device tensors a layer copies out are held, with an event
 recorded after their copies, until the compute stream has waited for that event (before layer
 i+2's forward, the paper's rounding-buffer rule, or before any backward); a prefetch into the
 arena first waits for the compute work queued before it, the previous users of those addresses.
@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import mmap
 from collections.abc import Callable
 from typing import Any
 
@@ -71,34 +72,44 @@ def _leading_dims_to_split(t: torch.Tensor) -> int | None:
 
 
 class _Slab:
-    """One block of host memory; page-locked at exactly its size on a GPU host."""
+    """A block of host memory, handed out in consecutive pieces. For a CUDA ``device`` it is
+    page-locked at its exact size (rounded to whole pages, which it owns alone) with
+    ``cudaHostRegister``, and unregistered when the slab goes, after the device's work."""
 
-    def __init__(self, nbytes: int, pin: bool) -> None:
-        self.tensor = torch.empty(nbytes, dtype=torch.uint8)
+    def __init__(self, nbytes: int, device: torch.device | None) -> None:
+        self.device = device if device is not None and device.type == "cuda" else None
         self.used = 0
-        self.pinned = False
-        if pin and nbytes:
-            rc = int(torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), nbytes, 0))
-            if rc != 0:
-                raise MemoplanError(
-                    f"Pinning {fmt_bytes(nbytes)} of host memory for this plan's host copies "
-                    f"failed (cudaHostRegister error {rc}). The host may lack that much free "
-                    f"memory, or the locked-memory limit is too low ('ulimit -l'). Solve again "
-                    f"with a smaller --host-mem-gb, or raise the limit.")
-            self.pinned = True
+        if self.device is None or not nbytes:
+            self.device = None
+            self.base = torch.empty(nbytes, dtype=torch.uint8)
+            return
+        size = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
+        self._memory = torch.empty(size + mmap.PAGESIZE, dtype=torch.uint8)
+        start = -self._memory.data_ptr() % mmap.PAGESIZE
+        self.base = self._memory[start: start + nbytes]
+        with torch.cuda.device(self.device):
+            rc = int(torch.cuda.cudart().cudaHostRegister(self.base.data_ptr(), size, 1))
+        if rc != 0:
+            self.device = None
+            raise MemoplanError(
+                f"Pinning {fmt_bytes(nbytes)} of host memory for this plan's host copies failed "
+                f"(cudaHostRegister error {rc}). The host may lack that much free memory, or the "
+                f"locked-memory limit is too low ('ulimit -l'). Solve again with a smaller "
+                f"--host-mem-gb, or raise the limit.")
 
     def carve(self, nbytes: int) -> torch.Tensor | None:
         """``nbytes`` of the slab not handed out before, or None when it is full."""
-        if self.used + nbytes > self.tensor.numel():
+        if self.used + nbytes > self.base.numel():
             return None
-        raw = self.tensor[self.used: self.used + nbytes]
+        raw = self.base[self.used: self.used + nbytes]
         self.used += aligned(nbytes)
         return raw
 
     def __del__(self) -> None:
-        if self.pinned:
+        if self.device is not None:
             with contextlib.suppress(Exception):  # at interpreter exit CUDA may be gone already
-                torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
+                torch.cuda.synchronize(self.device)  # no copy may still use the range
+                torch.cuda.cudart().cudaHostUnregister(self.base.data_ptr())
 
 
 class Copier:
@@ -119,8 +130,10 @@ class Copier:
         self.extra_bytes = 0           # host buffers the slab could not hold
         self.pieced = 0                # transfers done as one copy per dense piece
         self.staged = 0                # transfers staged through a dense device tensor
-        self._copying: list[torch.Tensor] = []               # sources of this forward's copies
-        self._held: dict[int, tuple[Any, list[torch.Tensor]]] = {}  # layer -> (event, sources)
+        # sources of this forward's copies (GPU), each with its version at the copy; then by
+        # layer, with the event recorded after them
+        self._copying: list[tuple[torch.Tensor, int]] = []
+        self._held: dict[int, tuple[Any, list[tuple[torch.Tensor, int]]]] = {}
 
     @property
     def sized(self) -> bool:
@@ -131,7 +144,7 @@ class Copier:
         run's length, every buffer rounded up with :func:`aligned`."""
         if self._slab is None:
             total = sum(need(a) for a in self.alphas)
-            self._slab = _Slab(total, pin=device.type == "cuda")
+            self._slab = _Slab(total, device)
             self.slab_bytes = total
 
     def _streams(self, device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream]:
@@ -140,7 +153,7 @@ class Copier:
             self._h2d = torch.cuda.Stream(device)
         return self._d2h, self._h2d
 
-    def _buffer(self, key: str, nbytes: int, cuda: bool) -> torch.Tensor:
+    def _buffer(self, key: str, nbytes: int, device: torch.device) -> torch.Tensor:
         """Raw host bytes for ``key``: a free buffer that is large enough, else a new one."""
         free = self._free.setdefault(key, [])
         for i, raw in enumerate(free):
@@ -148,8 +161,10 @@ class Copier:
                 return free.pop(i)
         free.clear()  # too small for this length: let them go (memory outside the slab is freed)
         raw = self._slab.carve(nbytes) if self._slab is not None else None
-        if raw is None:
-            raw = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
+        if raw is None:  # a slab of its own, freed (and unpinned) with its last reference
+            own = _Slab(nbytes, device)
+            raw = own.carve(nbytes)
+            raw.memoplan_slab = own
             self.extra_bytes += nbytes
         self.host_buffer_bytes += nbytes
         return raw
@@ -157,12 +172,12 @@ class Copier:
     def _on(self, stream: torch.cuda.Stream | None) -> contextlib.AbstractContextManager:
         return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
-    def _copy(self, dst: torch.Tensor, src: torch.Tensor, cuda: bool) -> list[torch.Tensor]:
+    def _copy(self, dst: torch.Tensor, src: torch.Tensor, cuda: bool) -> None:
         """``dst.copy_(src)`` as plain memory copies, where the host side is dense and the
         device side may not be (the first k tokens of a tensor whose token axis is not
         outermost): one copy per dense piece when there are at most ``MAX_PIECES``, else
-        through a dense device tensor. Returns the staging tensors to hold until the copy is
-        done (on a GPU)."""
+        through a dense device tensor. On a GPU this runs on a copy stream; a staging tensor
+        is allocated there and so freed in that stream's order, after its copy."""
         strided = dst if src.is_contiguous() else src
         j = _leading_dims_to_split(strided)
         if j is not None:
@@ -170,7 +185,7 @@ class Copier:
                 self.pieced += 1
             for idx in itertools.product(*map(range, strided.shape[:j])):
                 dst[idx].copy_(src[idx], non_blocking=cuda)
-            return []
+            return
         self.staged += 1
         if strided is src:
             staged = src.contiguous()
@@ -179,24 +194,22 @@ class Copier:
             staged = torch.empty(src.shape, dtype=src.dtype, device=dst.device)
             staged.copy_(src, non_blocking=cuda)
             dst.copy_(staged)
-        return [staged]
 
     def to_host(self, key: str, t: torch.Tensor, order: list[int]) -> tuple[tuple, torch.Tensor]:
         """Copy ``t`` into a host buffer that holds its elements in dim order ``order``
         (outermost first); returns (the buffer's slot, the host tensor, shaped like ``t``).
         Hand the slot back with ``give_back`` once the copy has been brought back."""
         cuda = t.device.type == "cuda"
-        raw = self._buffer(key, t.numel() * t.element_size(), cuda)
+        raw = self._buffer(key, t.numel() * t.element_size(), t.device)
         dense = raw[: t.numel() * t.element_size()].view(t.dtype).view([t.shape[d] for d in order])
         stream = None
         if cuda:
             stream, _ = self._streams(t.device)
             stream.wait_stream(torch.cuda.current_stream(t.device))  # t is written, buffer free
         with self._on(stream):
-            staged = self._copy(dense, t.permute(order), cuda)
-        if cuda:
-            t.record_stream(stream)  # enough for the caching allocator; the hold below for others
-            self._copying += [t, *staged]
+            self._copy(dense, t.permute(order), cuda)
+        if cuda:  # held until the compute stream has waited for the copy (no record_stream:
+            self._copying.append((t, t._version))  # it keeps the memory until later copies end)
         return (key, raw), dense.permute([order.index(d) for d in range(t.dim())])
 
     def give_back(self, slot: tuple, host: torch.Tensor) -> None:
@@ -221,16 +234,21 @@ class Copier:
         held)."""
         if index in self._held:
             done, sources = self._held[index]
-            torch.cuda.current_stream(sources[0].device).wait_event(done)
+            torch.cuda.current_stream(sources[0][0].device).wait_event(done)
 
     def release_copied(self, before: int | None = None, only: int | None = None) -> None:
         """Let the compute stream wait for the copies of layers ``< before`` (all if None; only
-        layer ``only`` if given) and drop their sources, whose memory it may then reuse."""
+        layer ``only`` if given) and drop their sources, whose memory it may then reuse.
+
+        A source written in place after its copy was queued may or may not have reached the
+        host copy: that is refused here (autograd does not watch these tensors, they are not
+        saved for backward; ``apply`` checks the layer inputs on a CPU too)."""
         for index in list(self._held):
             if (only is not None and index != only) or (before is not None and index >= before):
                 continue
             self.wait_copies(index)
-            del self._held[index]
+            if any(t._version != v for t, v in self._held.pop(index)[1]):
+                raise modified_in_place(index)
 
     def prefetch(self, host: torch.Tensor, dest: torch.Tensor,
                  order: list[int]) -> tuple[torch.Tensor, Any]:
@@ -245,7 +263,7 @@ class Copier:
             stream.wait_stream(d2h)  # the forward copy into this host buffer has finished
             stream.wait_stream(torch.cuda.current_stream(dest.device))  # dest's earlier users
         with self._on(stream):
-            self._copy(dst, src, cuda)  # a staging tensor is freed in stream order after it
+            self._copy(dst, src, cuda)
             done = None
             if cuda:
                 done = torch.cuda.Event()
@@ -258,3 +276,11 @@ class Copier:
         if done is not None:
             torch.cuda.current_stream(out.device).wait_event(done)
         return out
+
+
+def modified_in_place(index: int) -> MemoplanError:
+    return MemoplanError(
+        f"A tensor that layer {index} keeps for its backward (copied to host or kept on the "
+        f"device) was modified in place after that layer's forward, for example its input by "
+        f"'x += ...' in the model's forward. The backward would read the wrong value. Write it "
+        f"out of place ('x = x + ...').")
