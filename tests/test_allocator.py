@@ -78,7 +78,7 @@ class Replay:
 def _delta(alloc, before):
     after = alloc.stats()
     return {k: after[k] - before[k]
-            for k in ("planned", "shifted", "unplanned", "outside", "missed")}
+            for k in ("planned", "shifted", "unplanned", "outside", "missed", "in_block")}
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_a_plan_replays_at_its_addresses_beside_the_rest_of_the_iteration(alloc,
                 r.free(tid)
         alloc.end()
         assert _delta(alloc, before) == {"planned": mallocs, "shifted": 0, "unplanned": 0,
-                                         "outside": 0, "missed": 0}
+                                         "outside": 0, "missed": 0, "in_block": 0}
         placed = sum(o >= 0 for _, o in slots)
         assert placed > 0.5 * mallocs  # most requests have planned addresses
         r.clear()
@@ -136,7 +136,7 @@ def test_extra_requests_shift_the_replay_and_taken_slots_go_to_the_pool(alloc):
     assert r.malloc("e", 64, stream=OTHER) is None
     alloc.end()
     assert _delta(alloc, before) == {"planned": 3, "shifted": 0, "unplanned": 2, "outside": 1,
-                                     "missed": 0}
+                                     "missed": 0, "in_block": 0}
     # a second arena is refused while this one holds planned tensors, taken once it is empty
     alloc.begin(COMPUTE, [(1024, 8192)])
     assert r.malloc("planned", 1024) == 8192
@@ -168,7 +168,8 @@ def test_no_request_stream_gets_overlapping_memory(alloc, trace, data):
         offset = data.draw(st.integers(0, arena // 512 - 1)) * 512
         if alloc.reserve(offset, 1024):
             r.reserved.append((offset, offset + 1024))
-    alloc.begin(COMPUTE, slots)
+    block = data.draw(st.sampled_from([None, (0, 4096), (8192, 20000), (28672, 4096)]))
+    alloc.begin(COMPUTE, slots, block=block)
     before = alloc.stats()
     n = 0
     try:
@@ -185,8 +186,32 @@ def test_no_request_stream_gets_overlapping_memory(alloc, trace, data):
         alloc.end()
         r.clear()
     counts = _delta(alloc, before)
-    assert counts["planned"] + counts["shifted"] + counts["unplanned"] == n  # each one counted
+    assert counts["planned"] + counts["shifted"] + counts["unplanned"] + counts["in_block"] == n
     assert alloc.stats()["arena_allocations"] == 0
+    assert block is not None or counts["in_block"] == 0
+
+
+def test_a_phase_block_takes_first_fit_what_the_script_does_not_place(alloc):
+    """The recompute phase has no request trace: its requests go first-fit into the layer's
+    ``recompute[i]`` block, around live and reserved ranges; what does not fit goes to the
+    pool, counted."""
+    r = Replay(alloc, 1 << 16)
+    r.reserve(4096 + 1024, 1024)  # the runtime's view in the middle of the block
+    alloc.begin(COMPUTE, [], block=(4096, 4096))
+    before = alloc.stats()
+    assert r.malloc("a", 1000) == 4096          # rounded up to 1024
+    assert r.malloc("b", 1024) == 4096 + 2048   # past the reserved range
+    r.free("a")
+    assert r.malloc("c", 512) == 4096           # a freed range is taken again
+    assert r.malloc("d", 2048) is None          # no 2048 left in the block: the pool
+    assert r.malloc("e", 64, stream=OTHER) is None  # another stream: the pool
+    alloc.end()
+    assert _delta(alloc, before) == {"planned": 0, "shifted": 0, "unplanned": 1, "outside": 1,
+                                     "missed": 0, "in_block": 3}
+    alloc.begin(COMPUTE, [])  # the block is the phase's only
+    assert r.malloc("f", 512) is None
+    alloc.end()
+    r.clear()
 
 
 def test_build_and_install_errors_are_clear(monkeypatch):
@@ -255,7 +280,9 @@ class TorchRequests:
 def test_the_runtimes_own_request_stream_follows_the_plan(alloc, name):
     """The whole model trains under a plan with the (CPU-built) planned allocator driven by the
     runtime itself: every request of every layer's forward and backward graph is one the plan
-    placed, at its address, beside the runtime's arena views; gradients stay exact."""
+    placed, at its address, beside the runtime's arena views, and every request of the
+    recomputation of dropped tokens fits in the layer's recompute block; gradients stay
+    exact."""
     from memoplan.runtime import apply
     from memoplan.runtime.arena import Arena
 
@@ -285,7 +312,8 @@ def test_the_runtimes_own_request_stream_follows_the_plan(alloc, name):
                             for ph in ("forward", "backward"))
     assert counts["planned"] == phase_mallocs, counts
     assert counts["shifted"] == counts["unplanned"] == counts["missed"] == 0, counts
-    assert counts["outside"] > 0  # embedding, head, recomputation, gradients: the pool
+    assert counts["in_block"] > 0  # the recomputation of dropped tokens: in recompute[i]
+    assert counts["outside"] > 0  # embedding, head, parameter gradients: the pool
     ref(*inputs).float().pow(2).mean().backward()
     for (pname, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-9, msg=pname)

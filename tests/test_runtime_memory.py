@@ -174,8 +174,8 @@ class FakePlanner:
         self.calls.append(("arena", ptr, nbytes))
         return True
 
-    def begin(self, stream, slots, align=512):
-        self.calls.append(("begin", len(slots)))
+    def begin(self, stream, slots, align=512, block=None):
+        self.calls.append(("begin", len(slots)) + ((block,) if block else ()))
 
     def end(self):
         self.calls.append(("end",))
@@ -206,9 +206,15 @@ def test_the_runtime_drives_the_planned_allocator_phases():
                for ph in ("forward", "backward")}
     assert fake.calls[0] == ("arena", runner.arena.buffer.data_ptr() + 512, plan.arena_bytes)
     phases = [c for c in fake.calls[1:]]
-    # one forward phase per layer, then one backward phase per layer, each begun and ended
-    assert phases == [("begin", mallocs["forward"]), ("end",)] * n + \
-        [("begin", mallocs["backward"]), ("end",)] * n
+    # one forward phase per layer, then per layer a recompute phase (no script: first-fit in
+    # its recompute[i] block, if it has one) and a backward phase, each begun and ended
+    it = plan.levels["iteration"]
+    blocks = [((it.offsets[f"recompute[{i}]"], it.sizes[f"recompute[{i}]"]),)
+              if it.sizes.get(f"recompute[{i}]") else () for i in reversed(range(n))]
+    assert sum(map(len, blocks)) == n - 1  # the last layer is kept: nothing to recompute
+    assert phases == [("begin", mallocs["forward"]), ("end",)] * n + [
+        c for b in blocks for c in (("begin", 0, *b), ("end",), ("begin", mallocs["backward"]),
+                                    ("end",))]
     assert fake.reserved == {}  # every prefetch block reserved was given back
     for i in range(n):
         slots = allocator.phase_slots(plan, "forward", i)
@@ -299,7 +305,7 @@ class CountOps(TorchDispatchMode):
         self.seen: Counter = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.seen[str(func)] += 1
+        self.seen[str(func.overloadpacket)] += 1  # mm and its out= form alike
         return func(*args, **(kwargs or {}))
 
 
@@ -312,10 +318,10 @@ def test_dropped_tokens_are_rebuilt_in_one_pass():
     prog = next(iter(model._memoplan_runner.programs.values()))
     union = set().union(*prog.recompute_order.values())
     assert sum(len(o) for o in prog.recompute_order.values()) > len(union)  # they overlap
-    matmuls = {"aten.mm.default", "aten.addmm.default", "aten.bmm.default"}
-    expected = Counter(str(n.target) for n in prog.backward_nodes if str(n.target) in matmuls)
-    expected += Counter(str(prog.node[n].target) for n in union
-                        if str(prog.node[n].target) in matmuls)
+    matmuls = {"aten.mm", "aten.addmm", "aten.bmm"}
+    op = lambda n: str(getattr(n.target, "overloadpacket", n.target))  # noqa: E731
+    expected = Counter(op(n) for n in prog.backward_nodes if op(n) in matmuls)
+    expected += Counter(op(prog.node[n]) for n in union if op(prog.node[n]) in matmuls)
     count = CountOps()
     with count:
         out.backward(torch.ones_like(out))

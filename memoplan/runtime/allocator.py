@@ -12,9 +12,10 @@ The allocator (``csrc/plan_allocator.cpp``, built with g++ against the CUDA runt
 use and cached) serves everything from CUDA's stream-ordered pool, except during a planned
 phase: while the runtime replays layer i's forward or backward graph on the compute stream,
 the phase's requests get the plan's addresses in the arena (level-1 offsets inside the layer's
-``fwd[i]``/``bwd[i]`` block; the forward's saved tensors inside its ``round[i]`` block). A
-request that does not match the plan (other size, slot still in use, unplanned workspace) goes
-to the pool and is counted: ``stats()`` reports divergence instead of hiding it. No address
+``fwd[i]``/``bwd[i]`` block; the forward's saved tensors inside its ``round[i]`` block), and
+while it recomputes layer i's dropped tokens, first-fit inside its ``recompute[i]`` block (no
+trace lists those requests). A request that does not match the plan (other size, slot still
+in use, unplanned workspace, a full block) goes to the pool and is counted: ``stats()`` reports divergence instead of hiding it. No address
 range is handed out twice while live, whatever the request stream does.
 
 Without the allocator the runtime still runs (its own buffers may still use the arena), with
@@ -40,7 +41,7 @@ from memoplan.errors import MemoplanError
 
 SOURCE = Path(__file__).with_name("csrc") / "plan_allocator.cpp"
 STATS = ("planned", "shifted", "unplanned", "outside", "pool_bytes", "pool_peak",
-         "arena_live", "arena_peak", "arena_allocations")
+         "arena_live", "arena_peak", "arena_allocations", "in_block")
 
 _installed: PlanAllocator | None = None
 
@@ -130,6 +131,7 @@ class PlanAllocator:
         lib.mp_set_arena.restype = ctypes.c_int
         lib.mp_begin.argtypes = [p, i64, i64, ctypes.POINTER(i64), ctypes.POINTER(i64)]
         lib.mp_end.restype = i64
+        lib.mp_region.argtypes = [i64, i64]
         lib.mp_reserve.argtypes = [i64, i64]
         lib.mp_reserve.restype = ctypes.c_int
         lib.mp_unreserve.argtypes = [i64]
@@ -151,13 +153,17 @@ class PlanAllocator:
             self.arenas.append(keep)
         return True
 
-    def begin(self, stream: int, slots: list[tuple[int, int]], align: int = 512) -> None:
+    def begin(self, stream: int, slots: list[tuple[int, int]], align: int = 512,
+              block: tuple[int, int] | None = None) -> None:
         """Start a phase on ``stream`` (a cudaStream_t as int): planned (size, offset) pairs in
-        request order (sizes rounded up to ``align``; offset -1: left to the pool)."""
+        request order (sizes rounded up to ``align``; offset -1: left to the pool), and
+        ``block`` (offset, size): where requests the slots do not place go first-fit."""
         n = len(slots)
         sizes = (ctypes.c_int64 * n)(*(s for s, _ in slots))
         offsets = (ctypes.c_int64 * n)(*(o for _, o in slots))
         self.lib.mp_begin(stream, align, n, sizes, offsets)
+        if block is not None:
+            self.lib.mp_region(*block)
 
     def end(self) -> None:
         self.missed += self.lib.mp_end()
@@ -200,6 +206,8 @@ def phase_slots(plan, phase: str, index: int,
     below has used it; parameter gradients in the pool (they become ``.grad`` and outlive the
     iteration: model states, outside the arena).
     """
+    if phase == "recompute":  # no trace lists its requests: see phase_block
+        return []
     it, level = plan.levels["iteration"], plan.levels[phase]
     block = lambda name: (it.offsets.get(name), it.sizes.get(name, 0))  # noqa: E731
     base, _ = block(f"{'fwd' if phase == 'forward' else 'bwd'}[{index}]")
@@ -230,6 +238,17 @@ def phase_slots(plan, phase: str, index: int,
             offset = base + level.offsets[key]
         slots.append((size, offset))
     return slots
+
+
+def phase_block(plan, phase: str, index: int) -> tuple[int, int] | None:
+    """(offset, size) of the block where layer ``index``'s ``phase`` places, first-fit, the
+    requests its slots do not: the ``recompute[i]`` workspace while the layer's dropped tokens
+    (or, for a checkpointed layer, its whole forward) are recomputed; None for other phases."""
+    it = plan.levels["iteration"]
+    name = f"recompute[{index}]"
+    if phase != "recompute" or name not in it.offsets or not it.sizes.get(name):
+        return None
+    return it.offsets[name], it.sizes[name]
 
 
 def install_allocator() -> PlanAllocator:

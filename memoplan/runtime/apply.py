@@ -89,8 +89,9 @@ class _Runner:
     @contextlib.contextmanager
     def phase(self, phase: str, index: int, device: torch.device,
               prog: LayerProgram) -> Iterator[None]:
-        """Layer ``index``'s ``phase`` replays the plan's addresses (with the planned allocator
-        installed; otherwise nothing happens)."""
+        """Layer ``index``'s ``phase`` ("forward", "backward", or "recompute": rebuilding its
+        dropped tokens) replays the plan's addresses (with the planned allocator installed;
+        otherwise nothing happens)."""
         arena = self.arena_on(device)
         if arena.planner is not None:
             arena.start()  # may find another model's arena in use and drop the planner
@@ -103,7 +104,8 @@ class _Runner:
                 self.plan, phase, index, frozenset(prog.input_grad_names))
         stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
         planner.begin(stream, self.slots[phase, index],
-                      align=int(self.plan.config.get("align", 512)))
+                      align=int(self.plan.config.get("align", 512)),
+                      block=allocator.phase_block(self.plan, phase, index))
         try:
             yield
         finally:
@@ -254,8 +256,8 @@ class _LayerFunction(torch.autograd.Function):
         runner.pending.pop(ctx.index, None)
         grads = backward_layer(prog, ctx.mode, state, runner.copier, arena, ctx.states,
                                [g.contiguous() for g in grad_outputs], poison=runner.poison,
-                               planned=lambda: runner.phase("backward", ctx.index, arena.device,
-                                                            prog))
+                               planned=lambda phase: runner.phase(phase, ctx.index,
+                                                                  arena.device, prog))
         ctx.runner.recomputed_tokens += state.recomputed_tokens
         ctx.state = None  # drop the host copies' references as soon as possible
         n_in = ctx.n_inputs

@@ -4,7 +4,8 @@ Forward runs the forward graph and keeps, of what backward will read, only what 
 layer input and mixing outputs (and saved tensors that are not token-wise) copied to host whole,
 the first ``alpha`` share of the tokens of each token-wise saved tensor copied to host, the rest
 dropped. Backward brings the copies back, recomputes the dropped tokens from the kept values
-through the token-wise ops (never through attention), and runs the backward graph. Layers in
+through the token-wise ops (never through attention; the union of what the split tensors need,
+each op once, writing them into their buffers), and runs the backward graph. Layers in
 ``keep`` mode keep their saved tensors on the device; ``recompute`` (checkpointed) layers keep
 only their input and re-run the whole forward.
 
@@ -178,10 +179,12 @@ def prefetch_layer(state: LayerState, copier: Copier, arena: Arena, device: torc
 def backward_layer(prog: LayerProgram, mode: str, state: LayerState, copier: Copier, arena: Arena,
                    params: list[torch.Tensor], grad_outputs: list[torch.Tensor], *,
                    poison: bool = False,
-                   planned: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                   planned: Callable[[str], contextlib.AbstractContextManager] = (
+                       lambda phase: contextlib.nullcontext()),
                    ) -> list[torch.Tensor | None]:
-    """Rebuild what backward reads, run the backward graph (inside ``planned()``: the planned
-    allocator's phase); grads of (inputs, params).
+    """Rebuild what backward reads (inside ``planned("recompute")``), run the backward graph
+    (inside ``planned("backward")``: the planned allocator's phases); grads of (inputs,
+    params).
 
     ``poison`` (debug): fill the layer's arena block with NaN when it is given back."""
     device = grad_outputs[0].device
@@ -199,11 +202,12 @@ def backward_layer(prog: LayerProgram, mode: str, state: LayerState, copier: Cop
         elif role == "grad_out":
             env[p.name] = next(grads_in)
     with torch.no_grad(), _no_autocast(device):
-        if mode == "recompute":
-            _run(prog.forward_nodes, env, prog.drop_refold)
-        _rebuild_splits(prog, state, env, copier)
-        _materialise_reads(prog, env)
-        with planned():
+        with planned("recompute"):
+            if mode == "recompute":
+                _run(prog.forward_nodes, env, prog.drop_refold)
+            _rebuild_splits(prog, state, env, copier)
+            _materialise_reads(prog, env)
+        with planned("backward"):
             _run(prog.backward_nodes, env, prog.drop_backward)
     flat = pytree.tree_leaves(_output_nodes(prog))
     grads = [env[n.name] if isinstance(n, fx.Node) else None for n in flat[prog.num_outputs:]]
@@ -234,13 +238,23 @@ def _rebuild_splits(prog: LayerProgram, state: LayerState, env: dict[str, Any],
             group = frozenset(creators)
             nodes, drops = prog.rebuild(group)
 
-            def into_buffer(name: str, value: torch.Tensor, k: int = k, seq: int = seq,
-                            group: frozenset = group) -> None:
-                if name in group:
-                    state.full[name].narrow(state.axis[name], k, seq - k).copy_(value)
+            def stored(name: str, k: int = k, seq: int = seq) -> torch.Tensor:
+                return state.full[name].narrow(state.axis[name], k, seq - k)
+
+            def into(name: str, group: frozenset = group) -> torch.Tensor | None:
+                """Where a rebuilt tensor's op may write its tokens directly: its buffer, when
+                those tokens lie there as the op would lay them out (dense, in the forward's
+                dim order)."""
+                if name in group and stored(name).permute(state.layout[name]).is_contiguous():
+                    return stored(name)
+                return None
+
+            def made(name: str, value: torch.Tensor, group: frozenset = group) -> None:
+                if name in group:  # not written in place: copied
+                    stored(name).copy_(value)
 
             run_on_tokens(nodes, env.__getitem__, prog.axes, range(k, seq), seq,
-                          drops=drops, made=into_buffer)
+                          drops=drops, made=made, into=into)
             state.recomputed_tokens += (seq - k) * len(creators)
     for c in state.split_at:
         env[c] = state.full[c]

@@ -42,16 +42,19 @@ def run_on_tokens(nodes: list[fx.Node], lookup: Callable[[str], Any],
                   axes: dict[str, list[tuple[int, ...]]], tokens: torch.Tensor | range, seq: int,
                   cast: Callable[[Any], Any] = lambda a: a, *,
                   drops: dict[str, list[str]] | None = None,
-                  made: Callable[[str, Any], None] | None = None) -> dict[str, Any]:
+                  made: Callable[[str, Any], None] | None = None,
+                  into: Callable[[str], torch.Tensor | None] | None = None) -> dict[str, Any]:
     """Run ``nodes`` (token-wise ops, in graph order) for ``tokens`` only.
 
     Values from outside come from ``lookup(name)``; those with one token axis are sliced to the
     tokens. A size list argument whose entry at the node's output token axis equals ``seq``
     (view/reshape/expand sizes) gets the subset's length there; no other integer is touched, so
     a hidden size that happens to equal the length stays as it is. ``cast`` maps the other
-    constant arguments (the profile's float32 shadow run upcasts dtypes). ``made(name, value)``
-    sees each value as it is made; ``drops`` (node -> names, see ``release_after``) lets go of
-    each value after its last use, so the values are not all alive at once.
+    constant arguments (the profile's float32 shadow run upcasts dtypes). ``into(name)`` may
+    give a tensor for the op to write its result into (its ``out=`` form); ``made(name,
+    value)`` sees every other value as it is made; ``drops`` (node -> names, see
+    ``release_after``) lets go of each value after its last use, so that the values are not all
+    alive at once.
     """
     k = len(tokens) if isinstance(tokens, range) else int(tokens.numel())
     local: dict[str, Any] = {}
@@ -74,12 +77,32 @@ def run_on_tokens(nodes: list[fx.Node], lookup: Callable[[str], Any],
             out_axes = axes.get(n.name, [])
             if len(out_axes) == 1 and len(out_axes[0]) == 1:
                 args = tuple(_resize(a, out_axes[0][0], seq, k) for a in args)
-            local[n.name] = n.target(*args, **kwargs)
-            if made is not None:
-                made(n.name, local[n.name])
+            dest = into(n.name) if into is not None else None
+            if dest is not None and _run_into(n, args, kwargs, dest):
+                local[n.name] = dest
+            else:
+                local[n.name] = n.target(*args, **kwargs)
+                if made is not None:
+                    made(n.name, local[n.name])
             for name in (drops or {}).get(n.name, ()):
                 local.pop(name, None)
     return local
+
+
+def _run_into(n: fx.Node, args: tuple, kwargs: dict, dest: torch.Tensor) -> bool:
+    """Run ``n``'s op writing into ``dest`` through its ``out=`` overload; False where it has
+    none that takes these arguments (nothing was written then)."""
+    packet = getattr(n.target, "overloadpacket", None)
+    if packet is None:
+        return False
+    for name in (f"{n.target._overloadname}_out", "out"):
+        if name in packet.overloads():
+            try:
+                getattr(packet, name)(*args, **kwargs, out=dest)
+            except (RuntimeError, TypeError):
+                return False
+            return True
+    return False
 
 
 def _resize(arg: Any, axis: int, seq: int, k: int) -> Any:

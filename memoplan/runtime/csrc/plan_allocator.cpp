@@ -8,7 +8,9 @@
 // planned address in the arena (a buffer memoplan allocated and registered with
 // mp_set_arena). A request that does not match the next slot is looked for a few placed
 // slots ahead (a planned request that never came shifts the stream); one that matches none of
-// them (e.g. a kernel's workspace) is served from the pool.
+// them (e.g. a kernel's workspace) is served from the pool. A phase may also name a block of
+// the arena (mp_region: the workspace for recomputing a layer's dropped tokens, whose requests
+// no trace lists): requests the script does not place go first-fit into that block.
 //
 // Safety does not rest on the plan: an address range is handed out only if it overlaps no
 // live arena allocation and no range the runtime reserved (its own views into the arena).
@@ -94,6 +96,7 @@ struct State {
   std::vector<Slot> script;
   size_t cursor = 0;
   int64_t align = 1;  // a request matches a slot if its size rounded up to this is the slot's
+  int64_t region_start = 0, region_end = 0;  // the phase's first-fit block, if any
   std::map<char*, Range> live;          // arena allocations by pointer
   std::map<int64_t, int64_t> reserved;  // runtime's ranges: start -> end
   std::map<void*, int64_t> pooled;      // pool allocations -> bytes
@@ -102,6 +105,7 @@ struct State {
   int64_t shifted = 0;     // served at a planned address after skipping slots (extra requests)
   int64_t unplanned = 0;   // phase requests the plan has no free slot for (pool)
   int64_t outside = 0;     // requests outside a phase or on another stream (pool)
+  int64_t in_block = 0;    // phase requests placed first-fit in the phase's block
   int64_t pool_bytes = 0, pool_peak = 0, arena_live = 0, arena_peak = 0;
 };
 
@@ -140,6 +144,22 @@ bool fits(State& s, const Slot& slot, int64_t size) {
   return slot.offset + size <= s.arena_size && !overlaps(s, slot.offset, slot.offset + size);
 }
 
+// The lowest free [at, at + size) in the phase's block, or -1.
+int64_t first_fit(State& s, int64_t size) {
+  int64_t at = s.region_start;
+  while (at + size <= s.region_end) {
+    int64_t past = -1;  // the end of the furthest range that overlaps [at, at + size)
+    for (auto& kv : s.live)
+      if (at < kv.second.end && kv.second.start < at + size && kv.second.end > past)
+        past = kv.second.end;
+    for (auto& kv : s.reserved)
+      if (at < kv.second && kv.first < at + size && kv.second > past) past = kv.second;
+    if (past < 0) return at;
+    at = (past + s.align - 1) / s.align * s.align;
+  }
+  return -1;
+}
+
 }  // namespace
 
 extern "C" {
@@ -169,6 +189,13 @@ void* mp_malloc(ssize_t size, int device, cudaStream_t stream) {
       return place(s, slot);
     }
     break;  // its planned range is still in use: the run has left the plan here
+  }
+  if (s.region_end > s.region_start) {
+    int64_t at = first_fit(s, rounded);
+    if (at >= 0) {
+      s.in_block++;
+      return place(s, Slot{rounded, at});
+    }
   }
   s.unplanned++;
   return from_pool(s, (size_t)size, device, stream);
@@ -217,6 +244,16 @@ void mp_begin(cudaStream_t stream, int64_t align, int64_t n, const int64_t* size
   s.cursor = 0;
   s.stream = stream;
   s.active = true;
+  s.region_start = s.region_end = 0;
+}
+
+// The active phase also places, first-fit, what its script does not in [start, start + size).
+void mp_region(int64_t start, int64_t size) {
+  State& s = S();
+  std::lock_guard<std::mutex> lock(s.mu);
+  if (start < 0 || size <= 0 || start + size > s.arena_size) return;
+  s.region_start = start;
+  s.region_end = start + size;
 }
 
 // End the phase; returns how many planned requests it did not see.
@@ -227,6 +264,7 @@ int64_t mp_end() {
   for (size_t k = s.cursor; k < s.script.size(); ++k) missed += s.script[k].offset >= 0;
   s.active = false;
   s.script.clear();
+  s.region_start = s.region_end = 0;
   return missed;
 }
 
@@ -247,13 +285,13 @@ void mp_unreserve(int64_t offset) {
 }
 
 // Counters, in this order: planned, shifted, unplanned, outside, pool bytes, pool peak,
-// arena live, arena peak, live arena allocations.
+// arena live, arena peak, live arena allocations, placed in a phase's block.
 void mp_stats(int64_t* out) {
   State& s = S();
   std::lock_guard<std::mutex> lock(s.mu);
   int64_t v[] = {s.planned, s.shifted, s.unplanned, s.outside, s.pool_bytes, s.pool_peak,
-                 s.arena_live, s.arena_peak, (int64_t)s.live.size()};
-  for (int i = 0; i < 9; ++i) out[i] = v[i];
+                 s.arena_live, s.arena_peak, (int64_t)s.live.size(), s.in_block};
+  for (int i = 0; i < 10; ++i) out[i] = v[i];
 }
 
 // The CUDA pool's reserved-memory high-water mark on `device` (-1 where unknown).
