@@ -243,12 +243,12 @@ def main() -> None:
             results["memoplan + planned allocator"] = in_child(args, seq, plan_path)
             inputs = make_inputs(mod, seq, device)
         rows += table_rows(seq, results, flops, args.layers, device, plan)
+        if args.out:  # after each length: a run cut short keeps what it measured
+            args.out.write_text("\n".join(rows) + "\n")
         if "memoplan" in args.strategies:  # unwrap for the next length
             for layer in model.layers:
                 layer.__dict__.pop("forward", None)
     print("\n".join(rows))
-    if args.out:
-        args.out.write_text("\n".join(rows) + "\n")
 
 
 def table_rows(seq, results, flops, layers, device, plan) -> list[str]:
