@@ -340,3 +340,33 @@ def test_a_copied_tensor_written_in_place_after_its_forward_is_refused():
         out.backward(torch.ones_like(out))
     out = layer(args[0] * 1.0, *args[1:], **kwargs)  # written out of place: fine
     out.backward(torch.ones_like(out))
+
+
+def test_a_call_whose_backward_never_runs_gives_back_its_block_and_host_buffers():
+    """Evaluation under grad (no backward at all), and a backward that stops early
+    (``autograd.grad`` to layer 1's input: layer 0's data was prefetched, its backward never
+    runs): once their graphs go, the next steps reuse the same host buffers and arena blocks."""
+    import gc
+
+    prof, plan, model, layer, args, kwargs = _one_layer("gpt")
+    spec = importlib.util.spec_from_file_location("mem_gpt5", EXAMPLES / "gpt" / "model.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    inputs = mod.example_inputs(SEQ)
+    model(*inputs).float().pow(2).mean().backward()  # a normal step: buffers and blocks made
+    runner = model._memoplan_runner
+    made, misses = runner.copier.host_buffer_bytes, runner.arena.misses
+    out = model(*inputs)  # no backward
+    del out
+    seen = {}
+    hook = model.layers[1].register_forward_pre_hook(lambda m, a: seen.update(x=a[0]))
+    loss = model(*inputs).float().pow(2).mean()
+    hook.remove()
+    torch.autograd.grad(loss, seen["x"])  # layers 3..1 run their backward, layer 0 does not
+    assert runner.arena.leases  # layer 0's block, leased by its prefetch
+    del loss, seen
+    gc.collect()
+    assert not runner.arena.leases
+    model(*inputs).float().pow(2).mean().backward()
+    assert runner.copier.host_buffer_bytes == made and runner.copier.extra_bytes == 0
+    assert runner.arena.misses == misses

@@ -19,6 +19,7 @@ back on a host-to-device stream (see ``streams.py``) into views of the plan's ar
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -114,6 +115,8 @@ def forward_layer(prog: LayerProgram, mode: str, alpha: float, copier: Copier, i
         copier.reserve(lambda a: _host_bytes(prog, env, a), device)
     for c, value in copies:
         state.slot[c], state.host[c] = copier.to_host(f"{key}/{c}", value, state.layout[c])
+    if copies:
+        weakref.finalize(state, _state_gone, vars(state), copier).atexit = False
     if mode == "recompute":  # the input must stay even if backward does not read it
         primary = next(p.name for p in prog.placeholders if prog.roles[p.name] == "primary")
         state.device.setdefault(primary, env[primary])
@@ -122,6 +125,18 @@ def forward_layer(prog: LayerProgram, mode: str, alpha: float, copier: Copier, i
         copier.wait_copies(index)  # the copies read these tensors: fill them once they are done
         _poison(prog, env, outputs, state)
     return outputs, state
+
+
+def _state_gone(kept: dict[str, Any], copier: Copier) -> None:
+    """A layer call's state is gone. After its backward nothing is left to do; without one (its
+    graph was dropped, or the backward stopped early or failed) this waits for the copies it
+    started and gives back its arena block and host buffers, for later steps to reuse."""
+    for fetched in kept["fetched"].values():
+        copier.ready(fetched)
+    if kept["lease"] is not None:
+        kept["lease"].release()
+    for c, buf in kept["host"].items():
+        copier.give_back(kept["slot"][c], buf)
 
 
 def _host_bytes(prog: LayerProgram, env: dict[str, Any], alpha: float) -> int:
@@ -221,6 +236,7 @@ def backward_layer(prog: LayerProgram, mode: str, state: LayerState, copier: Cop
         copier.give_back(state.slot[c], buf)
     state.host.clear()
     state.full.clear()
+    state.fetched.clear()
     return grads
 
 

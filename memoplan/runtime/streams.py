@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import mmap
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -84,6 +85,9 @@ class _Slab:
             self.base = torch.empty(nbytes, dtype=torch.uint8)
             return
         size = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
+        if nbytes >= 1 << 32:  # about 0.5 s per GiB: say why the first step waits
+            print(f"memoplan: pinning {fmt_bytes(nbytes)} of host memory for the plan's host "
+                  f"copies (once)", file=sys.stderr, flush=True)
         self._memory = torch.empty(size + mmap.PAGESIZE, dtype=torch.uint8)
         start = -self._memory.data_ptr() % mmap.PAGESIZE
         self.base = self._memory[start: start + nbytes]

@@ -45,6 +45,10 @@ static void* pool_alloc(size_t n, int device, cudaStream_t s) {
     if (cudaDeviceGetDefaultMemPool(&pool, device) == cudaSuccess) {
       uint64_t keep = UINT64_MAX;
       cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep);
+      // and never make a stream wait for another to reuse memory freed there (a compute-stream
+      // request would otherwise wait for the copy streams, losing the overlap)
+      int no = 0;
+      cudaMemPoolSetAttribute(pool, cudaMemPoolReuseAllowInternalDependencies, &no);
     }
   }
   void* p = nullptr;
