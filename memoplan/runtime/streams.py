@@ -116,19 +116,42 @@ class _Slab:
                 torch.cuda.cudart().cudaHostUnregister(self.base.data_ptr())
 
 
+class CudaStreams:
+    """The stream and event calls the copier makes. Tests stand in a model that runs copy-stream
+    work as late as the waits allow, on a CPU."""
+
+    def stream(self, device: torch.device) -> Any:
+        return torch.cuda.Stream(device)
+
+    def current(self, device: torch.device) -> Any:
+        return torch.cuda.current_stream(device)
+
+    def event(self) -> Any:
+        return torch.cuda.Event()
+
+    def launch(self, stream: Any, work: Callable[[], None]) -> None:
+        """Queue ``work`` (copies) on ``stream``."""
+        with torch.cuda.stream(stream):
+            work()
+
+
 class Copier:
     """Device <-> host copies for one model; one instance serves all its layers.
 
-    ``alphas``: the swap fraction of each offloaded layer of the plan (sizes the slab)."""
+    ``alphas``: the swap fraction of each offloaded layer of the plan (sizes the slab).
+    ``streams``: copy asynchronously through these (default: CUDA's, for CUDA tensors; CPU
+    tensors are copied at once)."""
 
-    def __init__(self, alphas: list[float]) -> None:
+    def __init__(self, alphas: list[float], streams: CudaStreams | None = None) -> None:
         self.alphas = alphas
+        self._cuda = streams or CudaStreams()
+        self._always_async = streams is not None
         self._slab: _Slab | None = None
         # free host buffers (raw bytes) by layer/tensor key; one held by a layer call that has
         # not run its backward yet is never written again
         self._free: dict[str, list[torch.Tensor]] = {}
-        self._d2h: torch.cuda.Stream | None = None
-        self._h2d: torch.cuda.Stream | None = None
+        self._d2h: Any = None  # copy streams, made at the first copy
+        self._h2d: Any = None
         self.slab_bytes = 0            # host memory reserved up front (pinned on a GPU)
         self.host_buffer_bytes = 0     # all host buffers made (slab or extra)
         self.extra_bytes = 0           # host buffers the slab could not hold
@@ -151,10 +174,13 @@ class Copier:
             self._slab = _Slab(total, device)
             self.slab_bytes = total
 
-    def _streams(self, device: torch.device) -> tuple[torch.cuda.Stream, torch.cuda.Stream]:
+    def _async(self, device: torch.device) -> bool:
+        return self._always_async or device.type == "cuda"
+
+    def _streams(self, device: torch.device) -> tuple[Any, Any]:
         if self._d2h is None:
-            self._d2h = torch.cuda.Stream(device)
-            self._h2d = torch.cuda.Stream(device)
+            self._d2h = self._cuda.stream(device)
+            self._h2d = self._cuda.stream(device)
         return self._d2h, self._h2d
 
     def _buffer(self, key: str, nbytes: int, device: torch.device) -> torch.Tensor:
@@ -173,10 +199,7 @@ class Copier:
         self.host_buffer_bytes += nbytes
         return raw
 
-    def _on(self, stream: torch.cuda.Stream | None) -> contextlib.AbstractContextManager:
-        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
-
-    def _copy(self, dst: torch.Tensor, src: torch.Tensor, cuda: bool) -> None:
+    def _copy(self, dst: torch.Tensor, src: torch.Tensor, non_blocking: bool) -> None:
         """``dst.copy_(src)`` as plain memory copies, where the host side is dense and the
         device side may not be (the first k tokens of a tensor whose token axis is not
         outermost): one copy per dense piece when there are at most ``MAX_PIECES``, else
@@ -188,32 +211,32 @@ class Copier:
             if j:
                 self.pieced += 1
             for idx in itertools.product(*map(range, strided.shape[:j])):
-                dst[idx].copy_(src[idx], non_blocking=cuda)
+                dst[idx].copy_(src[idx], non_blocking=non_blocking)
             return
         self.staged += 1
         if strided is src:
             staged = src.contiguous()
-            dst.copy_(staged, non_blocking=cuda)
+            dst.copy_(staged, non_blocking=non_blocking)
         else:
             staged = torch.empty(src.shape, dtype=src.dtype, device=dst.device)
-            staged.copy_(src, non_blocking=cuda)
+            staged.copy_(src, non_blocking=non_blocking)
             dst.copy_(staged)
 
     def to_host(self, key: str, t: torch.Tensor, order: list[int]) -> tuple[tuple, torch.Tensor]:
         """Copy ``t`` into a host buffer that holds its elements in dim order ``order``
         (outermost first); returns (the buffer's slot, the host tensor, shaped like ``t``).
         Hand the slot back with ``give_back`` once the copy has been brought back."""
-        cuda = t.device.type == "cuda"
         raw = self._buffer(key, t.numel() * t.element_size(), t.device)
         dense = raw[: t.numel() * t.element_size()].view(t.dtype).view([t.shape[d] for d in order])
-        stream = None
-        if cuda:
+        if not self._async(t.device):
+            self._copy(dense, t.permute(order), False)
+        else:
             stream, _ = self._streams(t.device)
-            stream.wait_stream(torch.cuda.current_stream(t.device))  # t is written, buffer free
-        with self._on(stream):
-            self._copy(dense, t.permute(order), cuda)
-        if cuda:  # held until the compute stream has waited for the copy (no record_stream:
-            self._copying.append((t, t._version))  # it keeps the memory until later copies end)
+            stream.wait_stream(self._cuda.current(t.device))  # t is written, the buffer free
+            self._cuda.launch(stream, lambda: self._copy(dense, t.permute(order), True))
+            # held until the compute stream has waited for the copy (no record_stream: it
+            # would keep the memory until the copies queued after it end too)
+            self._copying.append((t, t._version))
         return (key, raw), dense.permute([order.index(d) for d in range(t.dim())])
 
     def give_back(self, slot: tuple, host: torch.Tensor) -> None:
@@ -228,31 +251,34 @@ class Copier:
             return
         if index in self._held:  # an earlier call of this layer that no backward has seen
             self.release_copied(only=index)
-        done = torch.cuda.Event()
+        done = self._cuda.event()
         done.record(self._d2h)
         self._held[index] = (done, self._copying)
         self._copying = []
 
     def wait_copies(self, index: int) -> None:
-        """The compute stream waits until layer ``index``'s copies are done (its sources stay
-        held)."""
+        """The compute stream waits until layer ``index``'s copies are done (their sources stay
+        held until ``release_copied``).
+
+        A source written in place before this wait, after its copy was queued, may or may not
+        have reached the host copy: that is refused here (autograd does not watch these
+        tensors: they are not saved for backward; ``apply`` checks the layer inputs, also on a
+        CPU). Writes after it (debug poisoning) cannot change the copy."""
         if index in self._held:
             done, sources = self._held[index]
-            torch.cuda.current_stream(sources[0][0].device).wait_event(done)
+            if any(v is not None and t._version != v for t, v in sources):
+                raise modified_in_place(index)
+            self._cuda.current(sources[0][0].device).wait_event(done)
+            self._held[index] = (done, [(t, None) for t, _ in sources])
 
     def release_copied(self, before: int | None = None, only: int | None = None) -> None:
         """Let the compute stream wait for the copies of layers ``< before`` (all if None; only
-        layer ``only`` if given) and drop their sources, whose memory it may then reuse.
-
-        A source written in place after its copy was queued may or may not have reached the
-        host copy: that is refused here (autograd does not watch these tensors, they are not
-        saved for backward; ``apply`` checks the layer inputs on a CPU too)."""
+        layer ``only`` if given) and drop their sources, whose memory it may then reuse."""
         for index in list(self._held):
             if (only is not None and index != only) or (before is not None and index >= before):
                 continue
             self.wait_copies(index)
-            if any(t._version != v for t, v in self._held.pop(index)[1]):
-                raise modified_in_place(index)
+            del self._held[index]
 
     def prefetch(self, host: torch.Tensor, dest: torch.Tensor,
                  order: list[int]) -> tuple[torch.Tensor, Any]:
@@ -260,25 +286,22 @@ class Copier:
         (same shape) on the host-to-device stream; returns ``dest`` and an event that ``ready``
         waits for (the compute stream goes on meanwhile)."""
         src, dst = host.permute(order), dest.permute(order)  # src is dense by construction
-        cuda = dest.device.type == "cuda"
-        stream = None
-        if cuda:
-            d2h, stream = self._streams(dest.device)
-            stream.wait_stream(d2h)  # the forward copy into this host buffer has finished
-            stream.wait_stream(torch.cuda.current_stream(dest.device))  # dest's earlier users
-        with self._on(stream):
-            self._copy(dst, src, cuda)
-            done = None
-            if cuda:
-                done = torch.cuda.Event()
-                done.record(stream)
+        if not self._async(dest.device):
+            self._copy(dst, src, False)
+            return dest, None
+        d2h, h2d = self._streams(dest.device)
+        h2d.wait_stream(d2h)  # the forward copy into this host buffer has finished
+        h2d.wait_stream(self._cuda.current(dest.device))  # dest's earlier users are done
+        self._cuda.launch(h2d, lambda: self._copy(dst, src, True))
+        done = self._cuda.event()
+        done.record(h2d)
         return dest, done
 
     def ready(self, fetched: tuple[torch.Tensor, Any]) -> torch.Tensor:
         """The prefetched tensor, once the compute stream has waited for its copy."""
         out, done = fetched
         if done is not None:
-            torch.cuda.current_stream(out.device).wait_event(done)
+            self._cuda.current(out.device).wait_event(done)
         return out
 
 

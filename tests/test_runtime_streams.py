@@ -1,0 +1,148 @@
+"""The copy schedule under asynchronous copies, on a CPU: a stand-in for CUDA's streams runs the
+device-to-host and host-to-device copies as late as the runtime's waits allow (the compute
+stream is the CPU itself). A wait the schedule lacks then shows as wrong gradients: a copy out
+that runs after its source was poisoned, a prefetch read before its copy ran, a host buffer read
+back before the copy into it ran. The controls below remove one wait each and check that the
+gradients do go wrong. (The copy back also waits for the copy out into the same host buffer;
+the compute stream's waits already order those two, so no control can isolate that wait.)"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import math
+
+import pytest
+import torch
+
+from conftest import EXAMPLES
+from memoplan.hardware import get_hardware
+from memoplan.runtime import apply, stats
+from memoplan.runtime.streams import Copier, CudaStreams
+from memoplan.solve import SolveConfig, solve_plan
+from memoplan.trace import ProfileConfig, profile_model
+
+
+class Queue:
+    """A copy stream: its work waits until something waits for it."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple] = []
+        self.ran = 0
+
+    def wait_stream(self, other) -> None:
+        if isinstance(other, Queue):  # later work here runs after other's work queued so far
+            self.items.append(("wait", other, len(other.items)))
+        # the compute stream is the CPU: what it queued has run
+
+    def run_to(self, n: int) -> None:
+        while self.ran < n:
+            item = self.items[self.ran]
+            self.ran += 1
+            if item[0] == "work":
+                item[1]()
+            else:
+                item[1].run_to(item[2])
+
+
+class Event:
+    def record(self, stream: Queue) -> None:
+        self.stream, self.at = stream, len(stream.items)
+
+
+class Compute:
+    def wait_event(self, event: Event) -> None:
+        event.stream.run_to(event.at)
+
+
+class Deferred(CudaStreams):
+    def __init__(self) -> None:
+        self.compute = Compute()
+        self.queues: list[Queue] = []
+
+    def stream(self, device):
+        self.queues.append(Queue())
+        return self.queues[-1]
+
+    def current(self, device):
+        return self.compute
+
+    def event(self):
+        return Event()
+
+    def launch(self, stream: Queue, work) -> None:
+        stream.items.append(("work", work))
+
+    def pending(self) -> int:
+        return sum(len(q.items) - q.ran for q in self.queues)
+
+
+@pytest.fixture(scope="module")
+def plans():
+    out = {}
+    for name in ("llama", "gpt"):
+        prof = profile_model(ProfileConfig(model_file=EXAMPLES / name / "model.py", seq=128))
+        out[name] = solve_plan(prof, SolveConfig(seq=8192, hardware=get_hardware("h200"),
+                                                 time_limit=2.0))
+    return out
+
+
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(f"st_{name}", EXAMPLES / name / "model.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _train(plans, name: str, alpha: float,
+           poison: bool = True) -> tuple[float, Deferred, torch.nn.Module]:
+    """Three steps on different tokens (shorter each time: the host buffers are reused) with
+    deferred copies and poisoning; the largest relative
+    gradient difference to plain training."""
+    import dataclasses
+
+    mod = _module(name)
+    model = mod.build_model()
+    ref = copy.deepcopy(model)
+    plan = plans[name]
+    plan = dataclasses.replace(plan, layers=tuple(dataclasses.replace(l, alpha=alpha)
+                                                  for l in plan.layers))
+    apply(model, plan, debug_poison=poison)
+    streams = Deferred()
+    model._memoplan_runner.copier = Copier([l.alpha for l in plan.layers if l.mode == "offload"],
+                                           streams=streams)
+    worst = 0.0
+    for step in range(3):
+        tokens = torch.randint(mod.config().vocab_size, (1, 110 - 7 * step),
+                               generator=torch.Generator().manual_seed(step))
+        for m in (model, ref):
+            m.zero_grad()
+            m(tokens).float().pow(2).mean().backward()
+        for a, b in zip(model.parameters(), ref.parameters()):
+            diff = ((a.grad - b.grad).abs().max() / b.grad.abs().max()).item()
+            worst = math.nan if math.isnan(diff) or math.isnan(worst) else max(worst, diff)
+    return worst, streams, model
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt"])
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("poison", [True, False])
+def test_gradients_are_exact_with_copies_as_late_as_the_waits_allow(plans, name, alpha, poison):
+    """With poisoning, forward waits for its copies out before it NaN-fills their sources;
+    without, the copies out run only when layer i+2's forward or the backward waits."""
+    worst, streams, model = _train(plans, name, alpha, poison)
+    assert worst < 1e-6
+    s = stats(model)
+    assert s["prefetched_ahead"] > 0 and s["host_extra_bytes"] == 0
+    assert streams.queues and all(q.items for q in streams.queues)  # the copies were deferred
+
+
+@pytest.mark.parametrize("missing", ["ready", "wait_copies"])
+def test_a_missing_wait_shows_as_wrong_gradients(plans, monkeypatch, missing):
+    """Controls: without the model above, each of these bugs would pass on a CPU."""
+    if missing == "ready":  # backward reads what was prefetched without waiting for the copy
+        monkeypatch.setattr(Copier, "ready", lambda self, fetched: fetched[0])
+    else:  # poison (and release) the sources before their copies out have run
+        monkeypatch.setattr(Copier, "wait_copies", lambda self, index: None)
+    worst, _, _ = _train(plans, "llama", 0.5)
+    assert not worst < 1e-6  # NaN or a real difference
