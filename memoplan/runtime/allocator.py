@@ -15,8 +15,9 @@ the phase's requests get the plan's addresses in the arena (level-1 offsets insi
 ``fwd[i]``/``bwd[i]`` block; the forward's saved tensors inside its ``round[i]`` block), and
 while it recomputes layer i's dropped tokens, first-fit inside its ``recompute[i]`` block (no
 trace lists those requests). A request that does not match the plan (other size, slot still
-in use, unplanned workspace, a full block) goes to the pool and is counted: ``stats()`` reports divergence instead of hiding it. No address
-range is handed out twice while live, whatever the request stream does.
+in use, unplanned workspace, a full block) goes to the pool and is counted: ``stats()``
+reports divergence instead of hiding it. No address range is handed out twice while live,
+whatever the request stream does.
 
 Without the allocator the runtime still runs (its own buffers may still use the arena), with
 transients from PyTorch's caching allocator.

@@ -52,8 +52,12 @@ class LayerProgram:
     node: dict[str, fx.Node] = field(default_factory=dict)
     recompute_order: dict[str, list[str]] = field(default_factory=dict)
     whole_instead: list[str] = field(default_factory=list)  # token-wise, but not at this shape
+    # node name -> values to drop once it has run (each value right after its last use)
+    drop_forward: dict[str, list[str]] = field(default_factory=dict)
+    drop_refold: dict[str, list[str]] = field(default_factory=dict)   # forward re-run in backward
+    drop_backward: dict[str, list[str]] = field(default_factory=dict)
     _rebuilds: dict[frozenset, tuple[list[fx.Node], dict[str, list[str]]]] = field(
-        default_factory=dict)
+        default_factory=dict)  # see rebuild()
 
     def rebuild(self, creators: frozenset[str]) -> tuple[list[fx.Node], dict[str, list[str]]]:
         """The ops that rebuild ``creators`` together, each run once, in graph order (their
@@ -64,10 +68,6 @@ class LayerProgram:
             nodes = [n for n in self.trace.gm.graph.nodes if n.name in names]
             self._rebuilds[creators] = nodes, release_after(nodes, set())
         return self._rebuilds[creators]
-    # node name -> values to drop once it has run (each value right after its last use)
-    drop_forward: dict[str, list[str]] = field(default_factory=dict)
-    drop_refold: dict[str, list[str]] = field(default_factory=dict)   # forward re-run in backward
-    drop_backward: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def forward_nodes(self) -> list[fx.Node]:
