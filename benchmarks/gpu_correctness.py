@@ -116,7 +116,8 @@ def main() -> None:
     dtypes = ["float32"] if args.quick or args.device == "cpu" else ["float32", "bfloat16"]
     device = torch.device(args.device)
     rows = ["| model | dtype | alpha | allocator | max rel grad diff | plain vs plain | "
-            "loss diff | NaN | host MiB | recomputed tokens | allocator planned / unplanned |",
+            "loss diff | NaN | host MiB | recomputed tokens | allocator planned / in block / "
+            "unplanned / arena allocations left |",
             "|---|---|---:|---|---:|---:|---:|---|---:|---:|---|"]
     failed = False
     for name in names:
@@ -134,16 +135,22 @@ def main() -> None:
                 for kind, res in results:
                     rows.append(row(name, dtype, alpha, kind, res))
                     failed |= bad(res, dtype)
+                if args.out:  # after each case: a run cut short keeps what it checked
+                    args.out.write_text("\n".join(rows) + "\n")
     print("\n".join(rows))
-    if args.out:
-        args.out.write_text("\n".join(rows) + "\n")
     sys.exit(1 if failed else 0)
+
+
+CHILD_TIMEOUT_S = 120
 
 
 def child(args, name, dtype, plan_path) -> dict:
     cmd = [sys.executable, __file__, "--child", name, dtype, str(plan_path), "--seq",
            str(args.seq), "--steps", str(args.steps)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {CHILD_TIMEOUT_S} s"}
     line = next((l for l in done.stdout.splitlines() if l.startswith("CHILD ")), None)
     if line is None:
         return {"error": (done.stderr or done.stdout).strip()[-300:]}
@@ -154,7 +161,8 @@ def row(name, dtype, alpha, kind, r) -> str:
     if "error" in r:
         return f"| {name} | {dtype} | {alpha} | {kind} | error: {r['error']} |" + " |" * 6
     a = r.get("allocator")
-    planned = f"{a['planned']} / {a['unplanned']}" if a else "n/a"
+    planned = (f"{a['planned']} / {a['in_block']} / {a['unplanned']} / "
+               f"{a['arena_allocations']}" if a else "n/a")
     return (f"| {name} | {dtype} | {alpha} | {kind} | {r['grad_diff']:.1e} | "
             f"{r['plain_spread']:.1e} | {r['loss_diff']:.1e} | {r['nan']} | "
             f"{r['stats']['host_bytes'] / 2**20:.1f} | {r['stats']['recomputed_tokens']} | "

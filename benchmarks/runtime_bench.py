@@ -168,7 +168,10 @@ def max_rel_diff(grads, ref) -> float:
 def in_child(args, seq: int, plan_path: Path) -> dict:
     cmd = [sys.executable, __file__, "--worker-plan", str(plan_path), "--preset", args.preset,
            "--layers", str(args.layers), "--seq", str(seq), "--steps", str(args.steps)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout)
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {args.child_timeout} s"}
     line = next((l for l in done.stdout.splitlines() if l.startswith("WORKER ")), None)
     if done.returncode != 0 or line is None:
         tail = (done.stderr or done.stdout).strip().splitlines()[-3:]

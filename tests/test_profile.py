@@ -287,6 +287,12 @@ BAD = {
                     "    def forward(self, x):\n        return x * self.w * x.sum().item()\n"
                     "def build_model():\n    return Stack(Bad)\n", "_local_scalar_dense"),
     "bad_inputs": (MLP + "\ndef example_inputs(seq_len):\n    return 3\n", "returned int"),
+    "in_place": (STACK + "class InPlace(torch.nn.Module):\n"
+                 "    def __init__(self):\n        super().__init__()\n"
+                 "        self.w = torch.nn.Parameter(torch.ones(8))\n"
+                 "    def forward(self, x):\n        h = x * self.w\n        h.mul_(2.0)\n"
+                 "        return x + h\n"
+                 "def build_model():\n    return Stack(InPlace)\n", "writes in place"),
 }
 
 

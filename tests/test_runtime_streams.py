@@ -29,11 +29,13 @@ class Queue:
     def __init__(self) -> None:
         self.items: list[tuple] = []
         self.ran = 0
+        self.after_compute = False  # waited for the compute stream since the last work
 
     def wait_stream(self, other) -> None:
         if isinstance(other, Queue):  # later work here runs after other's work queued so far
             self.items.append(("wait", other, len(other.items)))
-        # the compute stream is the CPU: what it queued has run
+        else:  # the compute stream is the CPU: what it queued has run; note that it was asked
+            self.after_compute = True
 
     def run_to(self, n: int) -> None:
         while self.ran < n:
@@ -59,6 +61,8 @@ class Deferred(CudaStreams):
     def __init__(self) -> None:
         self.compute = Compute()
         self.queues: list[Queue] = []
+        self.unordered = 0  # copies queued without waiting for the compute stream first
+        self.most_pending = 0
 
     def stream(self, device):
         self.queues.append(Queue())
@@ -71,7 +75,12 @@ class Deferred(CudaStreams):
         return Event()
 
     def launch(self, stream: Queue, work) -> None:
+        # on a GPU a copy must wait for the compute work before it: the kernels that wrote its
+        # source, or the last readers of its destination
+        self.unordered += not stream.after_compute
+        stream.after_compute = False
         stream.items.append(("work", work))
+        self.most_pending = max(self.most_pending, self.pending())
 
     def pending(self) -> int:
         return sum(len(q.items) - q.ran for q in self.queues)
@@ -134,7 +143,8 @@ def test_gradients_are_exact_with_copies_as_late_as_the_waits_allow(plans, name,
     assert worst < 1e-6
     s = stats(model)
     assert s["prefetched_ahead"] > 0 and s["host_extra_bytes"] == 0
-    assert streams.queues and all(q.items for q in streams.queues)  # the copies were deferred
+    assert streams.unordered == 0
+    assert streams.most_pending > 1  # copies did wait, and gradients are still exact
 
 
 @pytest.mark.parametrize("missing", ["ready", "wait_copies"])
@@ -167,3 +177,26 @@ def test_two_forwards_then_two_backwards_with_late_copies(plans):
     for (name, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-9, msg=name)
     assert stats(model)["host_extra_bytes"] > 0  # the second call's buffers: its own
+
+
+def test_a_copy_source_written_before_its_copy_ran_is_refused():
+    """Autograd does not watch the tensors a layer copies out: an in-place write to one while
+    its copy may still be pending is refused when the compute stream waits for the copy."""
+    from memoplan.errors import MemoplanError
+    from memoplan.trace.recompute import dim_order
+
+    copier = Copier([1.0], streams=Deferred())
+    t = torch.randn(4, 8)
+    copier.to_host("0/t", t, dim_order(t))
+    copier.finish_forward(0)
+    t.mul_(2.0)
+    with pytest.raises(MemoplanError, match="modified in place"):
+        copier.release_copied()
+    copier.release_copied()  # said once
+    u = torch.randn(4, 8)
+    slot, host = copier.to_host("0/u", u, dim_order(u))
+    copier.finish_forward(0)
+    copier.wait_copies(0)
+    u.fill_(float("nan"))  # after the wait (debug poisoning): the copy is made
+    copier.release_copied()
+    assert not host.isnan().any()

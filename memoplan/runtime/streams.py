@@ -14,8 +14,9 @@ PyTorch's caching host allocator, which rounds every block up to a power of two 
 request pins 128 GiB), and pinning is slow (1.9 s for 4 GiB on an H200 host). Buffers are carved
 from the slab per (layer, tensor) and reused every step once their backward has brought them
 back. A buffer the slab cannot hold (a second forward of a layer before its backward, a longer
-sequence than the first step's) is a slab of its own, counted (``extra_bytes``) and freed when
-no longer used; slab space left by buffers outgrown this way is not reused.
+sequence than the first step's) is a slab of its own, counted (``extra_bytes``), kept for
+reuse like the others and freed (after a device sync) once a longer request outgrows it; slab
+space left by buffers outgrown this way is not reused.
 
 Every transfer is made of plain memory copies: the host buffer holds the tensor's elements
 densely in the device tensor's own memory order (a host side that is not dense would make
@@ -266,10 +267,11 @@ class Copier:
         CPU). Writes after it (debug poisoning) cannot change the copy."""
         if index in self._held:
             done, sources = self._held[index]
-            if any(v is not None and t._version != v for t, v in sources):
-                raise modified_in_place(index)
+            written = any(v is not None and t._version != v for t, v in sources)
             self._cuda.current(sources[0][0].device).wait_event(done)
-            self._held[index] = (done, [(t, None) for t, _ in sources])
+            self._held[index] = (done, [(t, None) for t, _ in sources])  # checked: said once
+            if written:
+                raise modified_in_place(index)
 
     def release_copied(self, before: int | None = None, only: int | None = None) -> None:
         """Let the compute stream wait for the copies of layers ``< before`` (all if None; only

@@ -161,6 +161,13 @@ def trace_layer(layer: torch.nn.Module, args: tuple, kwargs: dict, *, seq_len: i
                                len(grad_outs))
     calls_fwd = [n for n in nodes[: boundary[0]] if n.op == "call_function"]
     calls_bwd = [n for n in nodes[boundary[0]:] if n.op == "call_function"]
+    writes = [n for n in calls_fwd if writes_in_place(n)]
+    if writes:
+        raise MemoplanError(
+            f"Layer '{layer_name}' writes in place in its forward ({len(writes)} op(s), the first "
+            f"{writes[0].target} at '{writes[0].name}'). memoplan replays and recomputes a layer's "
+            f"ops, which an in-place write would apply twice. Write it out of place "
+            f"('h = h * 2' instead of 'h.mul_(2)' or 'h *= 2').")
     flat_inputs = [pvals, bvals, [x.detach().clone().requires_grad_(x.requires_grad) for x in inputs],
                    grad_outs]
     interp = _RecordingInterpreter(gm)
@@ -300,3 +307,10 @@ def release_after(nodes: list[fx.Node], keep: set[str]) -> dict[str, list[str]]:
         if name not in keep:
             drops.setdefault(at, []).append(name)
     return drops
+
+
+def writes_in_place(n: fx.Node) -> bool:
+    """Whether ``n``'s op writes into one of its arguments (``mul_``, ``copy_``, ``out=``)."""
+    schema = getattr(n.target, "_schema", None)
+    return schema is not None and any(
+        a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)

@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
+from memoplan.errors import MemoplanError
 from memoplan.trace.graph import LayerTrace, upcast
 
 
@@ -91,17 +92,26 @@ def run_on_tokens(nodes: list[fx.Node], lookup: Callable[[str], Any],
 
 def _run_into(n: fx.Node, args: tuple, kwargs: dict, dest: torch.Tensor) -> bool:
     """Run ``n``'s op writing into ``dest`` through its ``out=`` overload; False where it has
-    none that takes these arguments (nothing was written then)."""
+    none with the same arguments (nothing was written then)."""
     packet = getattr(n.target, "overloadpacket", None)
     if packet is None:
         return False
+    same = [(a.name, str(a.type)) for a in n.target._schema.arguments]
     for name in (f"{n.target._overloadname}_out", "out"):
-        if name in packet.overloads():
-            try:
-                getattr(packet, name)(*args, **kwargs, out=dest)
-            except (RuntimeError, TypeError):
-                return False
-            return True
+        if name not in packet.overloads():
+            continue
+        op = getattr(packet, name)
+        if [(a.name, str(a.type)) for a in op._schema.arguments if not a.is_out] != same:
+            return False  # e.g. var.default(x, unbiased) and var.out(x, dim, unbiased, ...)
+        shape, at = dest.shape, dest.data_ptr()
+        try:
+            op(*args, **kwargs, out=dest)
+        except (RuntimeError, TypeError):
+            return False
+        if dest.shape != shape or dest.data_ptr() != at:  # it was resized: not the tokens'
+            raise MemoplanError(f"Internal: recomputing '{n.name}' ({n.target}) for a token "
+                                f"subset gave shape {tuple(dest.shape)}, not {tuple(shape)}.")
+        return True
     return False
 
 
