@@ -8,6 +8,7 @@ full computation; tests check that on random subsets.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -90,29 +91,37 @@ def run_on_tokens(nodes: list[fx.Node], lookup: Callable[[str], Any],
     return local
 
 
+@functools.cache
+def _out_overload(target: Any) -> Any:
+    """``target``'s ``out=`` overload when it takes the same arguments, else None (e.g.
+    ``var.default(x, unbiased)`` against ``var.out(x, dim, unbiased, ...)``)."""
+    packet = getattr(target, "overloadpacket", None)
+    if packet is None:
+        return None
+    same = [(a.name, str(a.type)) for a in target._schema.arguments]
+    for name in (f"{target._overloadname}_out", "out"):
+        if name in packet.overloads():
+            op = getattr(packet, name)
+            args = [(a.name, str(a.type)) for a in op._schema.arguments if not a.is_out]
+            return op if args == same else None
+    return None
+
+
 def _run_into(n: fx.Node, args: tuple, kwargs: dict, dest: torch.Tensor) -> bool:
     """Run ``n``'s op writing into ``dest`` through its ``out=`` overload; False where it has
     none with the same arguments (nothing was written then)."""
-    packet = getattr(n.target, "overloadpacket", None)
-    if packet is None:
+    op = _out_overload(n.target)
+    if op is None:
         return False
-    same = [(a.name, str(a.type)) for a in n.target._schema.arguments]
-    for name in (f"{n.target._overloadname}_out", "out"):
-        if name not in packet.overloads():
-            continue
-        op = getattr(packet, name)
-        if [(a.name, str(a.type)) for a in op._schema.arguments if not a.is_out] != same:
-            return False  # e.g. var.default(x, unbiased) and var.out(x, dim, unbiased, ...)
-        shape, at = dest.shape, dest.data_ptr()
-        try:
-            op(*args, **kwargs, out=dest)
-        except (RuntimeError, TypeError):
-            return False
-        if dest.shape != shape or dest.data_ptr() != at:  # it was resized: not the tokens'
-            raise MemoplanError(f"Internal: recomputing '{n.name}' ({n.target}) for a token "
-                                f"subset gave shape {tuple(dest.shape)}, not {tuple(shape)}.")
-        return True
-    return False
+    shape, at = dest.shape, dest.data_ptr()
+    try:
+        op(*args, **kwargs, out=dest)
+    except (RuntimeError, TypeError):
+        return False
+    if dest.shape != shape or dest.data_ptr() != at:  # it was resized: not the tokens'
+        raise MemoplanError(f"Internal: recomputing '{n.name}' ({n.target}) for a token "
+                            f"subset gave shape {tuple(dest.shape)}, not {tuple(shape)}.")
+    return True
 
 
 def _resize(arg: Any, axis: int, seq: int, k: int) -> Any:
