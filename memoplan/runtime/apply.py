@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections import OrderedDict
 import types
 import warnings
 import weakref
@@ -36,6 +37,8 @@ from memoplan.runtime.execute import LayerState, backward_layer, forward_layer, 
 from memoplan.runtime.program import LayerProgram, build_program
 from memoplan.runtime.streams import Copier, modified_in_place
 from memoplan.signature import layer_signature
+
+PROGRAMS_KEPT = 8  # layer programs (one per input signature) kept per model; see _program
 
 
 def load_plan(path: str | Path) -> Plan:
@@ -63,7 +66,7 @@ class _Runner:
         self.use_arena = use_arena
         self.arena: Arena | None = None
         self.slots: dict[tuple[str, int], list[tuple[int, int]]] = {}  # planned allocator script
-        self.programs: dict[tuple, LayerProgram] = {}
+        self.programs: OrderedDict[tuple, LayerProgram] = OrderedDict()  # see _program
         self.calls = 0
         self.tracing = False  # while True, wrapped layers run their original forward
         self.poison = False   # debug: NaN-fill every dropped or copied-out device tensor
@@ -198,17 +201,26 @@ def _wrap(layer: torch.nn.Module, index: int, runner: _Runner) -> None:
 
 
 def _program(runner: _Runner, layer: torch.nn.Module, args: tuple, kwargs: dict) -> LayerProgram:
+    """The layer's program for these arguments: built at the first call with their shapes,
+    dtypes, devices and autocast state (a trace on fake tensors: nothing real is kept), then
+    reused. At most ``PROGRAMS_KEPT`` are kept per model, the least recently used going first,
+    so training on ever new lengths does not grow memory."""
     leaves = pytree.tree_leaves((args, kwargs))
-    key = tuple((tuple(x.shape), x.dtype, x.device.type, x.requires_grad)
+    key = tuple((tuple(x.shape), x.dtype, str(x.device), x.requires_grad)
                 if isinstance(x, torch.Tensor) else repr(x) for x in leaves)
-    key += (torch.is_autocast_enabled(), str(torch.get_autocast_dtype("cpu")))
-    if key not in runner.programs:
+    device = next((x.device.type for x in leaves if isinstance(x, torch.Tensor)), "cpu")
+    key += (torch.is_autocast_enabled(device), str(torch.get_autocast_dtype(device)))
+    if key in runner.programs:
+        runner.programs.move_to_end(key)
+    else:
         runner.tracing = True
         try:
-            prog = runner.programs[key] = build_program(layer, args, kwargs, runner.plan.layer,
-                                                        runner.plan.layer_class)
+            prog = build_program(layer, args, kwargs, runner.plan.layer, runner.plan.layer_class)
         finally:
             runner.tracing = False
+        runner.programs[key] = prog
+        while len(runner.programs) > PROGRAMS_KEPT:
+            runner.programs.popitem(last=False)
         if prog.whole_instead:
             shapes = [tuple(x.shape) for x in leaves if isinstance(x, torch.Tensor)]
             warnings.warn(

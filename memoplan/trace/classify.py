@@ -23,7 +23,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from memoplan.errors import MemoplanError
-from memoplan.trace.graph import LayerTrace, upcast
+from memoplan.trace.graph import LayerTrace, shadow_call
 
 NodeClass = Literal["token", "mixing", "free"]
 
@@ -126,18 +126,14 @@ def _probe_token_wise(n: fx.Node, trace: LayerTrace, axes: dict[str, list[tuple[
     out_axes = axes[n.name]
     seq = next(t.shape[a[0]] for t, a in zip(base_out, out_axes) if t is not None and len(a) == 1)
     for t in sorted({0, seq // 2, seq - 1}):
-        def load(a: Any) -> Any:
-            if not isinstance(a, fx.Node):
-                return upcast(a)
+        def load(a: fx.Node) -> Any:
             v = env[a.name]
             ax = _axes_of_arg(a, axes)
             if isinstance(v, torch.Tensor) and ax is not None and len(ax) == 1:
                 return _perturb(v, ax[0], t)
             return v.clone() if isinstance(v, torch.Tensor) else v
-        args, kwargs = pytree.tree_map(load, (n.args, n.kwargs))
         try:
-            with torch.no_grad():
-                new_out = tensors_of(n.target(*args, **kwargs))
+            new_out = tensors_of(shadow_call(n, load, trace.values))
         except Exception:
             return False  # a probe the op rejects: treat as mixing (kept whole, never recomputed)
         for old, new, ax in zip(base_out, new_out, out_axes):

@@ -10,7 +10,9 @@ bf16 7B layer profiles in seconds on a CPU that has no fast bf16 kernels. The re
 every value alive and notes its storage and FLOPs: storages tell which values alias, FLOPs feed
 the cost model. Real values, needed only to probe which ops are token-wise, come from a
 *shadow* run of the forward graph in float32 (low-precision tensors and dtype arguments are
-upcast: whether an op mixes tokens does not depend on precision).
+upcast: whether an op mixes tokens does not depend on precision). An op that refuses float32
+(CUDA's flash and cuDNN attention kernels) runs in the dtypes the traced graph gives its
+arguments instead, and its result is upcast again (``shadow_call``).
 """
 
 from __future__ import annotations
@@ -75,8 +77,11 @@ class LayerTrace:
     @property
     def real(self) -> dict[str, Any]:
         """Real float32 values of the placeholders and forward nodes (the shadow run)."""
+        if not self.flat_inputs:
+            raise MemoplanError("Internal: this trace was made on fake tensors only "
+                                "(trace_layer(real=False)) and has no real values.")
         if self._real is None:
-            self._real = _shadow_run(self.gm, self.forward_nodes, self.flat_inputs)
+            self._real = _shadow_run(self.gm, self.forward_nodes, self.flat_inputs, self.values)
         return self._real
 
 
@@ -99,23 +104,31 @@ def pick_primary(leaves: list[Any]) -> int:
 
 
 def trace_layer(layer: torch.nn.Module, args: tuple, kwargs: dict, *, seq_len: int,
-                layer_name: str) -> LayerTrace:
-    """Trace ``layer(*args, **kwargs)`` forward and backward; run the graph once."""
+                layer_name: str, real: bool = True) -> LayerTrace:
+    """Trace ``layer(*args, **kwargs)`` forward and backward; run the graph once on fake tensors.
+
+    ``real``: keep real copies of the parameters, inputs and a random output gradient for the
+    shadow run (``LayerTrace.real``: profiling's token-wise probes, at a short length). With
+    ``real=False`` (the runtime, at the full training length) everything is fake from the start:
+    nothing is computed or copied, and the trace holds no real tensor.
+    """
     leaves, spec = pytree.tree_flatten((args, kwargs))
     primary = pick_primary(leaves)
     tensor_pos = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
     params = dict(layer.named_parameters())
     buffers = dict(layer.named_buffers())
     pnames, bnames = list(params), list(buffers)
+    fake = FakeTensorMode(allow_non_fake_inputs=True)
+    copy = (lambda t: t.detach().clone()) if real else (lambda t: fake.from_tensor(t.detach()))
 
     def prep(i: int) -> torch.Tensor:
-        x = leaves[i].detach().clone()
+        x = copy(leaves[i])
         wants_grad = i == primary or (leaves[i].requires_grad and x.is_floating_point())
         return x.requires_grad_(wants_grad)
 
     inputs = [prep(i) for i in tensor_pos]
-    pvals = [p.detach().clone().requires_grad_(p.requires_grad) for p in params.values()]
-    bvals = [b.detach().clone() for b in buffers.values()]
+    pvals = [copy(p).requires_grad_(p.requires_grad) for p in params.values()]
+    bvals = [copy(b) for b in buffers.values()]
 
     def call(pv: list, bv: list, xs: list) -> Any:
         flat = list(leaves)
@@ -125,7 +138,7 @@ def trace_layer(layer: torch.nn.Module, args: tuple, kwargs: dict, *, seq_len: i
         return functional_call(layer, {**dict(zip(pnames, pv)), **dict(zip(bnames, bv))}, a, kw)
 
     try:  # the outputs' shapes, from a run on fake tensors (no compute)
-        with FakeTensorMode(allow_non_fake_inputs=True), torch.enable_grad():
+        with fake, torch.enable_grad():
             sample = [(tuple(t.shape), t.dtype) for t in _tensor_leaves(call(pvals, bvals, inputs))
                       if t.requires_grad]
     except Exception as e:
@@ -134,9 +147,14 @@ def trace_layer(layer: torch.nn.Module, args: tuple, kwargs: dict, *, seq_len: i
     if not sample:
         raise MemoplanError(f"Layer '{layer_name}' returned no tensor that needs a gradient, so "
                             f"it has no backward to profile.")
-    gen = torch.Generator().manual_seed(0)
     device = leaves[primary].device
-    grad_outs = [torch.randn(shape, generator=gen, dtype=dtype).to(device) for shape, dtype in sample]
+    if real:
+        gen = torch.Generator().manual_seed(0)
+        grad_outs = [torch.randn(shape, generator=gen, dtype=dtype).to(device)
+                     for shape, dtype in sample]
+    else:
+        with fake:
+            grad_outs = [torch.empty(shape, dtype=dtype, device=device) for shape, dtype in sample]
     boundary: list[int] = []
 
     def joint(pv: list, bv: list, xs: list, gouts: list) -> tuple:
@@ -168,18 +186,18 @@ def trace_layer(layer: torch.nn.Module, args: tuple, kwargs: dict, *, seq_len: i
             f"{writes[0].target} at '{writes[0].name}'). memoplan replays and recomputes a layer's "
             f"ops, which an in-place write would apply twice. Write it out of place "
             f"('h = h * 2' instead of 'h.mul_(2)' or 'h *= 2').")
-    flat_inputs = [pvals, bvals, [x.detach().clone().requires_grad_(x.requires_grad) for x in inputs],
+    flat_inputs = [pvals, bvals, [x.detach().requires_grad_(x.requires_grad) for x in inputs],
                    grad_outs]
     interp = _RecordingInterpreter(gm)
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True) as fake, torch.no_grad():
+        with fake, torch.no_grad():
             interp.run(*pytree.tree_map_only(torch.Tensor, fake.from_tensor, flat_inputs))
     except Exception as e:
         raise MemoplanError(_trace_failure(layer_name, e)) from e
     return LayerTrace(gm=gm, seq_len=seq_len, forward_nodes=calls_fwd, backward_nodes=calls_bwd,
                       roles=roles, values=interp.values, flops=interp.flops,
                       num_outputs=len(grad_outs),
-                      flat_inputs=flat_inputs)
+                      flat_inputs=flat_inputs if real else [])
 
 
 def _placeholder_roles(placeholders: list[fx.Node], n_params: int, n_buffers: int,
@@ -214,18 +232,51 @@ def upcast(x: Any) -> Any:
     return x
 
 
-def _shadow_run(gm: fx.GraphModule, forward_nodes: list[fx.Node], flat_inputs: list) -> dict[str, Any]:
+def shadow_call(n: fx.Node, value: Any, native: dict[str, Any]) -> Any:
+    """Run ``n``'s op on shadow values: ``value(arg_node)`` gives each argument's float32 value.
+
+    Float32 first; an op that refuses it (flash attention accepts only fp16 and bf16) runs again
+    with each argument cast to the dtype of its traced value in ``native`` (node name -> fake
+    value of the recorded run), and its result is upcast. Raises the float32 error if both fail.
+    """
+    def load(cast: bool) -> tuple[tuple, dict]:
+        def one(a: Any) -> Any:
+            if not isinstance(a, fx.Node):
+                return a if cast else upcast(a)
+            v, t = value(a), native.get(a.name)
+            if cast and isinstance(v, torch.Tensor) and isinstance(t, torch.Tensor):
+                return v.to(t.dtype)
+            return v
+        return pytree.tree_map(one, (n.args, n.kwargs), is_leaf=lambda a: isinstance(a, fx.Node))
+
+    with torch.no_grad():
+        args, kwargs = load(False)
+        try:
+            return n.target(*args, **kwargs)
+        except Exception as first:
+            args, kwargs = load(True)
+            try:
+                result = n.target(*args, **kwargs)
+            except Exception:
+                raise first from None
+            return pytree.tree_map(upcast, result)
+
+
+def _shadow_run(gm: fx.GraphModule, forward_nodes: list[fx.Node], flat_inputs: list,
+                native: dict[str, Any]) -> dict[str, Any]:
     """Run the forward part of ``gm`` on real inputs in float32; node name -> value."""
     env: dict[str, Any] = {}
     flat = pytree.tree_leaves(flat_inputs)
     for n, x in zip((n for n in gm.graph.nodes if n.op == "placeholder"), flat):
         env[n.name] = upcast(x.detach())
-    load = lambda a: env[a.name] if isinstance(a, fx.Node) else upcast(a)  # noqa: E731
-    with torch.no_grad():
-        for n in forward_nodes:
-            args, kwargs = pytree.tree_map(load, (n.args, n.kwargs),
-                                           is_leaf=lambda a: isinstance(a, fx.Node))
-            env[n.name] = n.target(*args, **kwargs)
+    for n in forward_nodes:
+        try:
+            env[n.name] = shadow_call(n, lambda a: env[a.name], native)
+        except Exception as e:
+            raise MemoplanError(
+                f"Running op '{n.name}' ({n.target}) of the layer on real values failed: "
+                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. memoplan runs "
+                f"the forward once on small real inputs to find which ops are token-wise.") from e
     return env
 
 

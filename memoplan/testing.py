@@ -1,0 +1,110 @@
+"""CPU stand-ins for what only a GPU shows, for memoplan's tests and CPU smoke runs.
+
+``flash_attention``: causal or full attention as a custom op pair (forward and backward) that,
+like CUDA's ``_scaled_dot_product_flash_attention`` and cuDNN attention, refuses float32
+("only support fp16 and bf16"). A small bf16 decoder that uses it as its attention shows on a
+CPU whether memoplan ever runs such an op in a precision it refuses (profiling's real-valued
+probes, the runtime's replay and recomputation). The forward returns the output and the
+float32 log-sum-exp, and the backward reads both, as the flash kernels do.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_LOW = (torch.bfloat16, torch.float16)
+
+
+def _refuse_fp32(name: str, *tensors: torch.Tensor) -> None:
+    bad = [t.dtype for t in tensors if t.dtype not in _LOW]
+    if bad:
+        raise RuntimeError(f"{name}: FlashAttention only support fp16 and bf16 data type "
+                           f"(got {bad[0]})")
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, is_causal: bool) -> torch.Tensor:
+    s = (q.float() @ k.float().transpose(-2, -1)) * q.shape[-1] ** -0.5
+    if is_causal:
+        n, m = s.shape[-2], s.shape[-1]
+        mask = torch.ones(n, m, dtype=torch.bool, device=s.device).triu(m - n + 1)
+        s = s.masked_fill(mask, float("-inf"))
+    return s
+
+
+@torch.library.custom_op("memoplan_testing::flash_attention", mutates_args=())
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    is_causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, logsumexp) of attention over [..., S, D] inputs; refuses float32."""
+    _refuse_fp32("flash_attention", q, k, v)
+    s = _scores(q, k, is_causal)
+    lse = torch.logsumexp(s, dim=-1)
+    out = (torch.exp(s - lse.unsqueeze(-1)) @ v.float()).to(q.dtype)
+    return out, lse
+
+
+@flash_attention.register_fake
+def _(q, k, v, is_causal):
+    return q.new_empty(*q.shape[:-1], v.shape[-1]), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("memoplan_testing::flash_attention_backward", mutates_args=())
+def flash_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                             v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                             is_causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv); refuses float32 like the flash backward kernel."""
+    _refuse_fp32("flash_attention_backward", grad, q, k, v, out)
+    p = torch.exp(_scores(q, k, is_causal) - lse.unsqueeze(-1))
+    g = grad.float()
+    dv = p.transpose(-2, -1) @ g
+    dp = g @ v.float().transpose(-2, -1)
+    ds = p * (dp - (g * out.float()).sum(-1, keepdim=True)) * q.shape[-1] ** -0.5
+    dq, dk = ds @ k.float(), ds.transpose(-2, -1) @ q.float()
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+@flash_attention_backward.register_fake
+def _(grad, q, k, v, out, lse, is_causal):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, is_causal = inputs
+    ctx.save_for_backward(q, k, v, *output)
+    ctx.is_causal = is_causal
+
+
+def _backward(ctx, grad_out, grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = flash_attention_backward(grad_out, q, k, v, out, lse, ctx.is_causal)
+    return dq, dk, dv, None
+
+
+flash_attention.register_autograd(_backward, setup_context=_setup)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              is_causal: bool = True) -> torch.Tensor:
+    """Drop-in for ``F.scaled_dot_product_attention(q, k, v, is_causal=...)`` that refuses
+    float32 inputs, as the flash kernel does on a GPU."""
+    return flash_attention(q, k, v, is_causal)[0]
+
+
+def _attention_flops(q_shape, k_shape, v_shape, is_causal) -> int:
+    """As memoplan counts fused attention: 2*S*S*(d + dv) per head, halved when causal."""
+    heads = 1
+    for d in q_shape[:-2]:
+        heads *= d
+    flops = 2 * heads * q_shape[-2] * k_shape[-2] * (q_shape[-1] + v_shape[-1])
+    return flops // 2 if is_causal else flops
+
+
+def _register_flops() -> None:
+    from torch.utils.flop_counter import register_flop_formula
+
+    register_flop_formula(torch.ops.memoplan_testing.flash_attention)(
+        lambda q, k, v, is_causal, *a, **kw: _attention_flops(q, k, v, is_causal))
+    register_flop_formula(torch.ops.memoplan_testing.flash_attention_backward)(
+        lambda g, q, k, v, o, lse, is_causal, *a, **kw: 2 * _attention_flops(q, k, v, is_causal))
+
+
+_register_flops()
