@@ -27,7 +27,9 @@ PcieOpt = Annotated[Optional[float], typer.Option(help="Pinned D2H GB/s of one G
 HostMemOpt = Annotated[Optional[float], typer.Option(help="Host memory per node (GiB) for activations.")]
 GpuMemOpt = Annotated[Optional[float], typer.Option(help="GPU memory (GiB).")]
 PeakOpt = Annotated[Optional[float], typer.Option(help="Dense bf16 TFLOP/s of one GPU.")]
-KeepLastOpt = Annotated[int, typer.Option(help="Last layers kept on the GPU (not offloaded).")]
+KeepLastOpt = Annotated[Optional[int], typer.Option(
+    help="Last layers kept on the GPU (not offloaded). Default: as many as the GPU holds "
+         "(all of them when everything fits).")]
 StateBytesOpt = Annotated[float, typer.Option(help="Bytes of weights+grads+optimizer per parameter.")]
 
 
@@ -107,7 +109,7 @@ def solve(
     peak_tflops: PeakOpt = None,
     time_limit: Annotated[float, typer.Option(help="Seconds for each of the three MIPs.")] = 20.0,
     alpha: Annotated[Optional[float], typer.Option(help="Force this swap fraction on every offloaded layer.")] = None,
-    keep_last: KeepLastOpt = 1,
+    keep_last: KeepLastOpt = None,
     state_bytes_per_param: StateBytesOpt = 16.0,
     output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the plan JSON.")] = Path("plan.json"),
     emit: Annotated[Optional[Path], typer.Option(help="Also write the generated runtime module here.")] = None,

@@ -160,7 +160,7 @@ class ModelInfo:
     param_bytes_total: int
     dtype: str
     hidden_size: int | None = None
-    head_bytes_per_token: float = 0.0   # estimate: logits, their fp32 loss copy and their grad
+    head_bytes_per_token: float = 0.0   # held outside the layers up to the head phase (trace.head)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -386,6 +386,7 @@ class Plan:
     layer: dict          # what the runtime needs of the profile: saved tensors and graph nodes
     notes: tuple[str, ...] = ()
     schema: str = PLAN_SCHEMA
+    pool_bytes: int = 0  # allocated outside the arena (embedding output, logits, loss), per GPU
 
     def to_json(self) -> dict:
         def level(lp: LevelPlan) -> dict:
@@ -403,6 +404,7 @@ class Plan:
             "arena_bytes": self.arena_bytes,
             "lower_bound_bytes": self.lower_bound_bytes,
             "state_bytes": self.state_bytes,
+            "pool_bytes": self.pool_bytes,
             "levels": {k: level(v) for k, v in self.levels.items()},
             "predicted": asdict(self.predicted),
             "solver": self.solver,
@@ -423,6 +425,7 @@ class Plan:
                        layers=tuple(LayerDecision(**l) for l in d["layers"]),
                        arena_bytes=int(d["arena_bytes"]), lower_bound_bytes=int(d["lower_bound_bytes"]),
                        state_bytes=int(d["state_bytes"]), levels=levels,
+                       pool_bytes=int(d.get("pool_bytes", 0)),
                        predicted=Prediction(**d["predicted"]), solver=d["solver"],
                        layer=d["layer"],
                        notes=tuple(d.get("notes", ())))

@@ -135,7 +135,8 @@ def test_level1_kinds_and_level2_phase_ticks(plan):
     assert labels == ["embed", "F0", "F1", "F2", "F3", "head", "B3", "B2", "B1", "B0"]
     legend = {t.get_text() for t in ax.get_legend().get_texts()}
     assert set(plan.levels["iteration"].kinds.values()) <= legend
-    assert {"input", "rounding", "prefetch", "recompute", "head", "grad"} <= legend
+    assert {"input", "rounding", "prefetch", "recompute", "grad"} <= legend
+    assert "head" not in legend  # logits and loss live outside the arena (plan.pool_bytes)
 
 
 # ---- caching comparison ----------------------------------------------------------------------
@@ -288,7 +289,8 @@ def test_show_prints_a_profile_and_a_plan(cli, plan_file, plan, tiny_profile):
 
 
 def test_sweep_reports_rows_and_the_longest_fitting_length(cli, tmp_path):
-    base = ("sweep", TINY, "--seq", "32K..64K", "--gpus", "8", "--time-limit", "1")
+    base = ("sweep", TINY, "--seq", "32K..64K", "--gpus", "8", "--time-limit", "1",
+            "--keep-last", "1")  # fixed: the default adapts what it keeps to the GPU
     r = cli(*base, "--json")
     assert r.exit_code == 0, r.output
     both = json.loads(r.stdout)

@@ -173,7 +173,7 @@ def test_plan_levels_pass_the_checker_and_beat_or_match_greedy(tiny):
 
 def test_level2_rounding_buffers_alternate_and_prefetch_precedes_backward(tiny):
     d = decide_swaps(tiny, _cfg(64 * 1024))
-    blocks = {b.id: b for b in level2_blocks(d.layers, d.bytes, 1024, 2048, 512, 512)}
+    blocks = {b.id: b for b in level2_blocks(d.layers, d.bytes, 1024, 2048, 512)}
     n = len(d.layers)
     # layer i's rounding buffer lives through forward i+1 and is dead at forward i+2
     assert blocks["round[0]"].end == blocks["fwd[1]"].end
@@ -182,6 +182,22 @@ def test_level2_rounding_buffers_alternate_and_prefetch_precedes_backward(tiny):
     assert blocks["prefetch[0]"].start == blocks["bwd[1]"].start
     assert blocks["prefetch[0]"].end == blocks["bwd[0]"].end
     assert blocks[f"round[{n - 1}]"].end == blocks[f"bwd[{n - 1}]"].end  # kept layer
+    # the arena holds only what the runtime places there: no head block (logits and loss) and no
+    # hidden[0] (the embedding's output); both come from PyTorch's allocator, budgeted apart
+    assert "head" not in blocks and "hidden[0]" not in blocks and "hidden[1]" in blocks
+
+
+def test_plan_budgets_what_lies_outside_the_arena(tiny):
+    plan = solve_plan(tiny, _cfg(64 * 1024))
+    lb = decide_swaps(tiny, _cfg(64 * 1024)).bytes
+    head = tiny.model.head_bytes_per_token * 64 * 1024
+    assert plan.pool_bytes >= head + lb.input > 0
+    assert plan.predicted.gpu_bytes["plan"] == (plan.arena_bytes + plan.state_bytes + lb.shared
+                                                + plan.pool_bytes)
+    # the fit check counts it: a GPU that holds the arena and states but not the pool is refused
+    tight = (plan.arena_bytes + plan.state_bytes + lb.shared + plan.pool_bytes // 2) / 2**30
+    with pytest.raises(InfeasibleError, match="outside the arena"):
+        solve_plan(tiny, _cfg(64 * 1024, hw=get_hardware("h200", gpu_mem_gb=tight)))
 
 
 def test_plan_is_infeasible_when_the_gpu_is_too_small(tiny):
@@ -277,3 +293,29 @@ def test_json_output_for_scripts(cli, tiny_file, tmp_path):
             "-o", tmp_path / "p.json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["layer_class"] == "GPTBlock"
+
+
+def test_keep_last_auto_keeps_everything_that_fits(tiny):
+    n = tiny.model.num_layers
+    plan = solve_plan(tiny, _cfg(8192, keep_last=None))
+    assert [l.mode for l in plan.layers] == ["keep"] * n
+    assert plan.config["keep_last"] == n and any("--keep-last auto" in s for s in plan.notes)
+    # a GPU that holds keep-all only partly: fewer kept (at least the last), and the plan fits
+    one = solve_plan(tiny, _cfg(64 * 1024, keep_last=1))
+    full = solve_plan(tiny, _cfg(64 * 1024, keep_last=n))
+    gb = (one.predicted.gpu_bytes["plan"] + full.predicted.gpu_bytes["plan"]) / 2 / 2**30
+    mid = solve_plan(tiny, _cfg(64 * 1024, keep_last=None, hw=get_hardware("h200", gpu_mem_gb=gb)))
+    kept = sum(l.mode == "keep" for l in mid.layers)
+    assert 1 <= kept < n and mid.layers[-1].mode == "keep"
+    assert mid.predicted.gpu_bytes["plan"] <= gb * 2**30
+    more = solve_plan(tiny, _cfg(64 * 1024, keep_last=kept + 1))
+    assert more.predicted.gpu_bytes["plan"] > gb * 2**30 * 0.98  # one more would (nearly) not fit
+
+
+def test_cli_solve_defaults_to_auto_keep_last(cli, tiny_file, tmp_path):
+    out = tmp_path / "plan.json"
+    r = cli("solve", tiny_file, "--seq", "8K", "--time-limit", "5", "-o", out, "-q")
+    assert r.exit_code == 0, r.output
+    d = json.loads(out.read_text())
+    assert {l["mode"] for l in d["layers"]} == {"keep"}
+    assert d["pool_bytes"] > 0

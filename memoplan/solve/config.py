@@ -20,7 +20,8 @@ class SolveConfig:
     hardware: Hardware
     time_limit: float = 20.0      # seconds for each MIP (three of them: forward, backward, iteration)
     alpha: float | None = None    # force this swap fraction on every offloaded layer
-    keep_last: int = 1            # last layers whose backward starts at once: never offloaded
+    keep_last: int | None = 1     # last layers kept on the GPU, never offloaded; None: as many
+                                  # as the GPU holds (solve.plan.auto_keep_last)
     state_bytes_per_param: float = 16.0  # weights, grads, optimizer states per parameter (bf16 Adam: 2+2+12)
     align: int = 512              # every request rounded up to this many bytes (allocator granularity)
 
@@ -40,7 +41,7 @@ class SolveConfig:
             raise MemoplanError(f"--alpha must lie in [0, 1], got {self.alpha}.")
         if self.time_limit <= 0:
             raise MemoplanError(f"--time-limit must be positive, got {self.time_limit}.")
-        if self.keep_last < 0:
+        if self.keep_last is not None and self.keep_last < 0:
             raise MemoplanError("--keep-last must be 0 or more.")
 
     @property

@@ -8,14 +8,18 @@ blocks. Level 2 places the whole iteration as blocks over phase steps
     step 0: embedding | 1..L: forward of layer 0..L-1 | L+1: head and loss | L+2..2L+1: backward
     of layer L-1..0
 
-with, per layer i: ``fwd[i]`` (level-1 forward peak, its forward step), ``hidden[i]`` (its input,
-from the step that makes it until its copy is done during forward i+1, or until backward i for
-layers kept or checkpointed), ``round[i]`` (its saved tensors other than the input, a rounding
+with, per layer i: ``fwd[i]`` (level-1 forward peak, its forward step), ``hidden[i]`` for i > 0
+(its input, the output of layer i-1, from the step that makes it until its copy is done during
+forward i+1, or until backward i for layers kept or checkpointed), ``round[i]`` (its saved tensors other than the input, a rounding
 buffer: until its copy is done during forward i+1, or until backward i for kept layers),
 ``prefetch[i]`` (its saved tensors brought back during backward i+1, until backward i ends),
 ``recompute[i]`` (the workspace for recomputing its dropped tokens), ``bwd[i]`` (level-1
-backward peak) and ``grad[i]`` (the gradient of its input, until backward i-1 is done); plus
-``head``. Each level is solved by the MIP, checked by the independent checker, and compared
+backward peak) and ``grad[i]`` (the gradient of its input, until backward i-1 is done).
+
+The arena holds only what the runtime places there. The embedding's output (layer 0's input),
+the logits and the loss are made by the model's own code outside the wrapped layers, so they
+come from PyTorch's allocator beside the arena: the plan budgets them as ``pool_bytes``
+(``pool_bytes``), not as arena blocks that would stay empty. Each level is solved by the MIP, checked by the independent checker, and compared
 with greedy-by-size and a simulation of PyTorch's caching allocator on the same blocks.
 """
 
@@ -94,17 +98,26 @@ def head_bytes(profile: Profile, cfg: SolveConfig) -> int:
     return per_gpu_bytes(profile.model.head_bytes_per_token * cfg.seq, cfg)
 
 
+def pool_bytes(profile: Profile, cfg: SolveConfig, lb: LayerBytes) -> int:
+    """What the run allocates outside the arena, from PyTorch's allocator, on top of it: the
+    head's logits, their fp32 loss copy and gradient (``head_bytes``), and the embedding's
+    output (layer 0's input), counted as live together (an upper bound)."""
+    return head_bytes(profile, cfg) + lb.input
+
+
 def level2_blocks(layers: Sequence[LayerDecision], lb: LayerBytes, fwd_peak: int, bwd_peak: int,
-                  head: int, align: int) -> list[Block]:
+                  align: int) -> list[Block]:
     """The iteration's blocks (see the module docstring for the steps)."""
     n = len(layers)
     F = lambda i: 1 + i                  # noqa: E731  forward step of layer i
     B = lambda i: n + 2 + (n - 1 - i)    # noqa: E731  backward step of layer i
     H = n + 1
     skeletal_rest = lb.total - lb.input
-    blocks = [Block(id="head", size=head, start=H, end=H + 1)]
+    blocks: list[Block] = []
 
     def add(name: str, i: int, size: int, first: int, last: int) -> None:
+        if name == "hidden" and i == 0:
+            return  # the embedding's output: PyTorch's allocator (pool_bytes), not the arena
         blocks.append(Block(id=f"{name}[{i}]", size=int(math.ceil(size / align) * align),
                             start=first, end=last + 1))
 
@@ -132,13 +145,13 @@ def level2_blocks(layers: Sequence[LayerDecision], lb: LayerBytes, fwd_peak: int
 
 
 def level2(layers: Sequence[LayerDecision], lb: LayerBytes, fwd: LevelPlan, bwd: LevelPlan,
-           head: int, cfg: SolveConfig, progress: Progress) -> LevelPlan:
-    blocks = level2_blocks(layers, lb, fwd.peak, bwd.peak, head, cfg.align)
+           cfg: SolveConfig, progress: Progress) -> LevelPlan:
+    blocks = level2_blocks(layers, lb, fwd.peak, bwd.peak, cfg.align)
     kinds = {str(b.id): LEVEL2_KINDS[str(b.id).split("[")[0]] for b in blocks}
     return solve_level(blocks, time_limit=cfg.time_limit, unit=cfg.align, name="level 2 iteration",
                        kinds=kinds, progress=progress)
 
 
-LEVEL2_KINDS = {"head": "head", "fwd": "transient", "bwd": "transient", "grad": "grad",
+LEVEL2_KINDS = {"fwd": "transient", "bwd": "transient", "grad": "grad",
                 "hidden": "input", "round": "rounding", "prefetch": "prefetch",
                 "recompute": "recompute"}

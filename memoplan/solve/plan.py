@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 from memoplan.errors import InfeasibleError
 from memoplan.ir import Plan, Prediction, Profile
 from memoplan.solve.config import SolveConfig
-from memoplan.solve.levels import head_bytes, level1, level2
+from memoplan.solve.dsa import solve_greedy
+from memoplan.solve.levels import head_bytes, level1, level2, level2_blocks, pool_bytes
 from memoplan.solve.mip_dsa import MIP_MISSING
 from memoplan.solve.swap import decide_swaps, per_gpu_bytes, predict
 from memoplan.units import fmt_bytes
@@ -25,20 +27,26 @@ def solve_plan(profile: Profile, cfg: SolveConfig, *,
                progress: Callable[[str], None] = lambda m: None) -> Plan:
     """Swap fractions, then level-1 and level-2 address plans; raises InfeasibleError when the
     arena and model states do not fit the GPU."""
-    progress("choosing swap fractions")
-    decision = decide_swaps(profile, cfg)
     fwd = level1(profile, cfg, "forward", progress)
     bwd = level1(profile, cfg, "backward", progress)
+    auto = cfg.keep_last is None
+    if auto:
+        progress("choosing how many last layers stay on the GPU")
+        cfg = replace(cfg, keep_last=auto_keep_last(profile, cfg, fwd.peak, bwd.peak))
+    progress("choosing swap fractions")
+    decision = decide_swaps(profile, cfg)
     head = head_bytes(profile, cfg)
-    it = level2(decision.layers, decision.bytes, fwd, bwd, head, cfg, progress)
+    it = level2(decision.layers, decision.bytes, fwd, bwd, cfg, progress)
     states = state_bytes_per_gpu(profile, cfg)
     lb = decision.bytes
+    pool = pool_bytes(profile, cfg, lb)
     gpu_mem = cfg.hardware.gpu_mem_gb * 2**30
-    need = it.peak + states + lb.shared
+    need = it.peak + states + lb.shared + pool
     if need > gpu_mem:
         raise InfeasibleError(
             f"The plan does not fit: {fmt_bytes(need)} per GPU (arena {fmt_bytes(it.peak)} + "
-            f"model states {fmt_bytes(states)} + shared inputs {fmt_bytes(lb.shared)}) > "
+            f"model states {fmt_bytes(states)} + shared inputs {fmt_bytes(lb.shared)} + "
+            f"embedding output, logits and loss outside the arena {fmt_bytes(pool)}) > "
             f"{fmt_bytes(gpu_mem)} of GPU memory at {cfg.seq} tokens over {cfg.split} GPUs "
             f"({cfg.tokens_per_gpu} tokens each). Use more GPUs (--gpus), a shorter --seq, or "
             f"fewer optimizer bytes per parameter (--state-bytes-per-param)."
@@ -53,9 +61,18 @@ def solve_plan(profile: Profile, cfg: SolveConfig, *,
     }})
     statuses = {k: v.status for k, v in (("forward", fwd), ("backward", bwd), ("iteration", it))}
     notes = []
-    if MIP_MISSING and any(s == "greedy-fallback" for s in statuses.values()):
+    if MIP_MISSING:
+        optimal = all(s == "optimal" for s in statuses.values())
         notes.append(f"python-mip could not be imported ({MIP_MISSING}): addresses come from "
-                     f"greedy-by-size, checked but not optimised. Install python-mip for the MIP.")
+                     f"greedy-by-size, checked" + (" (and at the lower bound here)" if optimal
+                                                   else " but not optimised")
+                     + ". Install python-mip for the MIP.")
+    if auto:
+        n_keep = sum(l.mode == "keep" for l in decision.layers)
+        notes.append(f"--keep-last auto: the last {cfg.keep_last} of {n} layers stay on the GPU"
+                     + (" (all of them fit)" if cfg.keep_last >= n else
+                        " (as many as the GPU holds next to the arena and model states)")
+                     + ("" if n_keep == cfg.keep_last else f"; {n_keep} kept in the end"))
     if decision.fallback:
         notes.append(decision.fallback)
     if decision.alpha_pcie < 0:
@@ -65,7 +82,7 @@ def solve_plan(profile: Profile, cfg: SolveConfig, *,
         profile_hash=profile.hash, layer_class=profile.model.layer_class,
         config={**cfg.to_json(), "profile_seq_len": profile.seq_len},
         layers=decision.layers, arena_bytes=it.peak, lower_bound_bytes=it.lower_bound,
-        state_bytes=states, levels={"forward": fwd, "backward": bwd, "iteration": it},
+        state_bytes=states, pool_bytes=pool, levels={"forward": fwd, "backward": bwd, "iteration": it},
         predicted=predicted,
         solver={"backend": "greedy (no python-mip)" if MIP_MISSING else "python-mip/CBC",
                 "status": statuses,
@@ -75,6 +92,32 @@ def solve_plan(profile: Profile, cfg: SolveConfig, *,
                 "alpha_forced": decision.forced, "alpha_pcie": decision.alpha_pcie,
                 "alpha_host": decision.alpha_host, "host_fallback": decision.fallback},
         layer=runtime_layer(profile, cfg), notes=tuple(notes))
+
+
+def auto_keep_last(profile: Profile, cfg: SolveConfig, fwd_peak: int, bwd_peak: int) -> int:
+    """The most last layers that can stay on the GPU (at least 1): keeping a layer costs no
+    copy and no recomputation, so when everything fits, everything is kept. Memory grows with
+    the number kept; a binary search sizes each candidate's arena with greedy-by-size (an upper
+    bound of the MIP's, which starts from it) plus model states, shared inputs and the pool."""
+    n = profile.model.num_layers
+    states = state_bytes_per_gpu(profile, cfg)
+    gpu_mem = cfg.hardware.gpu_mem_gb * 2**30
+
+    def fits(k: int) -> bool:
+        d = decide_swaps(profile, replace(cfg, keep_last=k))
+        blocks = [b for b in level2_blocks(d.layers, d.bytes, fwd_peak, bwd_peak, cfg.align)
+                  if not b.is_trivial]
+        arena = solve_greedy(blocks).peak
+        return arena + states + d.bytes.shared + pool_bytes(profile, cfg, d.bytes) <= gpu_mem
+
+    lo, hi = 1, n  # lo: kept when nothing more fits (the last layer's backward follows at once)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
 
 
 def runtime_layer(profile: Profile, cfg: SolveConfig) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import operator
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from memoplan.trace.classify import (check_aligned, classify_forward, saved_stor
 from memoplan.trace.graph import LayerTrace, pick_primary, trace_layer
 from memoplan.trace.laws import fit_law
 from memoplan.trace.layers import capture_layer_call, find_repeated_layer
+from memoplan.trace.head import head_phase_bytes
 from memoplan.trace.loader import build, load_model_file
 from memoplan.trace.requests import allocation_requests, peak_live_bytes
 
@@ -130,6 +132,10 @@ def profile_model(cfg: ProfileConfig, *, progress: Callable[[str], None] = lambd
                                if classes[n.name] == "mixing" and n.op == "call_function"
                                and str(n.target) != "<built-in function getitem>"}))
     primary = next(n for n, r in main.roles.items() if r == "primary")
+    progress("measuring the head phase")
+    head_per_token, head_note = _head_bytes_per_token(mf, model, found.instances, lens[-2:], cast)
+    if head_note:
+        notes.append(head_note)
     model_info = ModelInfo(
         file=str(mf.path), layer_class=found.class_name, layer_path=found.path,
         num_layers=len(found.instances),
@@ -137,7 +143,7 @@ def profile_model(cfg: ProfileConfig, *, progress: Callable[[str], None] = lambd
         param_bytes_total=_state_bytes(model),
         dtype=str(next(layer.parameters()).dtype).removeprefix("torch."),
         hidden_size=int(main.values[primary].shape[-1]),
-        head_bytes_per_token=_head_bytes_per_token(model, found.instances))
+        head_bytes_per_token=head_per_token)
     layer_profile = LayerProfile(
         saved=tuple(saved), tensors=tuple(tensors),
         requests_forward=tuple(req_fwd), requests_backward=tuple(req_bwd),
@@ -173,16 +179,26 @@ def _graph_nodes(trace: LayerTrace, classes: dict[str, str],
     return tuple(nodes)
 
 
-def _head_bytes_per_token(model: torch.nn.Module, layers: tuple[torch.nn.Module, ...]) -> float:
-    """Estimate of the head's activation bytes per token: the widest Linear outside the layers is
-    taken as the LM head; its logits, their fp32 copy for the loss and their gradient."""
-    inside = {id(m) for layer in layers for m in layer.modules()}
-    heads = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and id(m) not in inside]
-    if not heads:
-        return 0.0
-    head = max(heads, key=lambda m: m.out_features)
-    elem = head.weight.element_size()
-    return float(head.out_features * (2 * elem + 4))
+def _head_bytes_per_token(mf, model: torch.nn.Module, layers: tuple[torch.nn.Module, ...],
+                          lens: tuple[int, ...], cast: Any) -> tuple[float, str | None]:
+    """Bytes per token the model's code outside the layers holds (inputs, embedding, and after
+    the last layer the final norm, head, loss and their gradients), measured on fake tensors at
+    two lengths (``trace.head``); the larger
+    per-token figure of the two, so a constant part is covered at the profiled lengths. Where
+    the model cannot run on fake tensors, an estimate from the widest Linear outside the layers
+    (logits, their fp32 copy for the loss and their gradient), with a note saying so."""
+    try:
+        with cast:
+            return max(head_phase_bytes(mf, model, layers, n) / n for n in lens), None
+    except Exception as e:  # noqa: BLE001  (the model's own code; the estimate still serves)
+        inside = {id(m) for layer in layers for m in layer.modules()}
+        heads = [m for m in model.modules()
+                 if isinstance(m, torch.nn.Linear) and id(m) not in inside]
+        head = max(heads, key=lambda m: m.out_features, default=None)
+        est = float(head.out_features * (2 * head.weight.element_size() + 4)) if head else 0.0
+        return est, (f"the head phase (after the last layer) could not be measured on fake "
+                     f"tensors ({type(e).__name__}); its memory is estimated from the widest "
+                     f"Linear outside the layers ({est:,.0f} bytes/token)")
 
 
 def _producer(node: torch.fx.Node) -> str:
