@@ -1,7 +1,10 @@
 """The planned allocator's replay logic, built with its CPU backend (malloc instead of CUDA) and
 driven through ctypes: a real plan's requests land at their planned addresses with every other
 block of the iteration held, and no request stream, however far from the plan, gets an address
-range that overlaps a live one."""
+range that overlaps a live one. It fails safe: phases are keyed on (device, stream), a second
+device is refused, record_stream keeps a block until its streams pass, a request it cannot
+serve (out of memory, graph capture) gets null and a message, and it keeps memory statistics
+torch.cuda cannot."""
 
 from __future__ import annotations
 
@@ -32,6 +35,14 @@ def alloc():
     return allocator.PlanAllocator(allocator.build(host_backend=True))
 
 
+@pytest.fixture
+def fresh(tmp_path):
+    """A host-built allocator with a state of its own (a copy of the library, loaded anew)."""
+    path = tmp_path / "plan_allocator_host.so"
+    shutil.copy(allocator.build(host_backend=True), path)
+    return allocator.PlanAllocator(path)
+
+
 class Replay:
     """Drives the allocator like torch does and checks every arena address it hands out."""
 
@@ -43,8 +54,9 @@ class Replay:
         self.live: dict[object, tuple[int, int, int]] = {}  # id -> (ptr, start, end) in arena
         self.reserved: list[tuple[int, int]] = []
 
-    def malloc(self, key: object, size: int, stream: int = COMPUTE) -> int | None:
-        ptr = self.lib.mp_malloc(size, 0, stream)
+    def malloc(self, key: object, size: int, stream: int = COMPUTE,
+               device: int = 0) -> int | None:
+        ptr = self.lib.mp_malloc(size, device, stream)
         assert ptr
         offset = ptr - self.base
         if 0 <= offset < self.buffer.numel():
@@ -225,6 +237,214 @@ def test_build_and_install_errors_are_clear(monkeypatch):
         monkeypatch.setattr(allocator, "cuda_dirs", lambda: ([], []))
         with pytest.raises(MemoplanError, match="CUDA runtime headers"):
             allocator.build()
+
+
+def test_the_allocator_is_built_through_cpp_extension(monkeypatch):
+    from torch.utils import cpp_extension
+
+    calls = []
+    real = cpp_extension.load
+
+    def spy(**kwargs):
+        calls.append(kwargs)
+        return real(**kwargs)
+
+    monkeypatch.setattr(cpp_extension, "load", spy)
+    path = allocator.build(host_backend=True)
+    assert len(calls) == 1 and calls[0]["is_python_module"] is False
+    assert "-DMEMOPLAN_HOST_BACKEND" in calls[0]["extra_cflags"]
+    assert path.exists() and allocator.cache_dir() in path.parents
+
+
+@pytest.mark.skipif(not allocator.cuda_dirs()[0], reason="needs the CUDA runtime headers")
+def test_the_cuda_variant_compiles_and_loads():
+    """The CUDA build (torch's and CUDA's headers, libcudart) compiles here too; without a
+    device, a request gets null and CUDA's reason instead of stopping the process."""
+    alloc = allocator.PlanAllocator(allocator.build())
+    assert alloc.address("mp_torch_malloc") and alloc.address("mp_record_stream")
+    if not torch.cuda.is_available():
+        assert alloc.lib.mp_malloc(1024, 0, None) is None
+        assert "could not allocate 1024 bytes on device 0 (cuda" in alloc.last_error()
+        assert alloc.stats()["refused"] == 1
+
+
+def test_phases_are_keyed_on_device_and_a_second_device_is_refused(fresh):
+    """The default stream is 0 on every device: a request from device 1 during a device-0
+    phase goes to the pool and leaves the plan's slots alone; an arena or a phase on a
+    second device is refused (with a warning for the arena)."""
+    r = Replay(fresh, 1 << 16)
+    assert fresh.begin(0, [(1024, 0), (2048, 1024)], device=0)
+    before = fresh.stats()
+    assert r.malloc("other device", 1024, stream=0, device=1) is None
+    assert r.malloc("a", 1024, stream=0) == 0
+    assert r.malloc("b", 2048, stream=0) == 1024
+    fresh.end()
+    assert _delta(fresh, before) == {"planned": 2, "shifted": 0, "unplanned": 0, "outside": 1,
+                                     "missed": 0, "in_block": 0}
+    r.clear()
+    other = torch.empty(4096, dtype=torch.uint8)
+    with pytest.warns(UserWarning, match="one device's plan per process"):
+        assert not fresh.set_arena(other.data_ptr(), 4096, device=1)
+    assert fresh.device == 0
+    assert not fresh.begin(0, [(1024, 0)], device=1)  # no phase: device 1 gets the pool
+    assert r.malloc("c", 1024, stream=0, device=1) is None
+    fresh.end()
+    r.clear()
+
+
+def test_record_stream_keeps_a_freed_block_until_its_streams_pass(fresh):
+    """A block another stream used (record_stream) is not reused when it is freed, only once an
+    event recorded on that stream at the free has passed (the host backend's stand-in: the
+    test marks the stream busy, then idle); arena ranges and pool memory alike."""
+    r, lib = Replay(fresh, 1 << 16), fresh.lib
+    fresh.begin(COMPUTE, [(1024, 0)] * 3)
+    assert r.malloc("a", 1024) == 0
+    lib.mp_record_stream(r.live["a"][0], OTHER)
+    lib.mp_test_set_busy(OTHER, 1)
+    r.free("a")
+    assert fresh.stats()["waiting"] == 1 and fresh.live_ranges() == [(0, 1024)]
+    assert r.malloc("b", 1024) is None  # its planned range is still in use: the pool
+    lib.mp_test_set_busy(OTHER, 0)
+    assert r.malloc("c", 1024) == 0  # the event has passed: the range is free again
+    fresh.end()
+    assert fresh.stats()["waiting"] == 0
+    # pool memory: given back only once the stream passed (here at empty_cache)
+    ptr = lib.mp_malloc(4096, 0, COMPUTE)
+    lib.mp_record_stream(ptr, COMPUTE)  # its own stream: nothing to wait for
+    lib.mp_record_stream(ptr, OTHER)
+    lib.mp_test_set_busy(OTHER, 1)
+    held = fresh.memory_stats()["pool"]["allocated"]
+    lib.mp_free(ptr, 0, 0, COMPUTE)
+    fresh.empty_cache()
+    assert fresh.memory_stats()["pool"]["allocated"] == held
+    lib.mp_test_set_busy(OTHER, 0)
+    fresh.empty_cache()
+    assert fresh.memory_stats()["pool"]["allocated"] == held - 4096
+    assert fresh.stats()["waiting"] == 0
+    r.clear()
+
+
+def test_out_of_memory_returns_null_with_the_planned_and_unplanned_bytes(fresh):
+    """The pool cannot serve a request (the host backend's size cap stands in for a full
+    device): null, counted, and a message with the bytes planned and unplanned in use and the
+    arena's largest free range; the allocator goes on serving."""
+    r, lib = Replay(fresh, 1 << 16), fresh.lib
+    fresh.begin(COMPUTE, [(1024, 0)])
+    assert r.malloc("planned", 1000) == 0
+    fresh.end()
+    r.reserve(4096, 1024)  # the arena: [0, 1024) and [4096, 5120) in use
+    assert r.malloc("unplanned", 300) is None
+    lib.mp_test_set_pool_cap(1 << 20)
+    try:
+        assert lib.mp_malloc(2 << 20, 0, COMPUTE) is None
+        assert r.malloc("fits", 4096) is None  # served by the pool after the failure
+    finally:
+        lib.mp_test_set_pool_cap(-1)
+    msg = fresh.last_error()
+    assert "out of memory allocating 2097152 bytes on device 0" in msg
+    assert "Planned memory (the arena): 1024 of 65536 bytes in use" in msg
+    assert "largest free range 60416 bytes" in msg  # [5120, 65536)
+    assert "Unplanned memory (the pool, outside the arena): 300 bytes in use" in msg
+    assert "memory_stats()" in msg
+    assert fresh.stats()["refused"] == 1
+    r.clear()
+
+
+def test_a_request_from_a_capturing_stream_is_refused(fresh):
+    """While a stream captures a CUDA graph (the host backend's test hook), its requests get
+    null and a message instead of planned or pool memory, and take no slot of the plan; other
+    streams are served."""
+    r, lib = Replay(fresh, 1 << 16), fresh.lib
+    fresh.begin(COMPUTE, [(1024, 0)])
+    lib.mp_test_set_capturing(COMPUTE, 1)
+    try:
+        assert lib.mp_malloc(1024, 0, COMPUTE) is None
+        assert "does not serve CUDA graph capture" in fresh.last_error()
+        assert r.malloc("other stream", 64, stream=OTHER) is None  # the pool
+    finally:
+        lib.mp_test_set_capturing(COMPUTE, 0)
+    assert r.malloc("a", 1024) == 0
+    fresh.end()
+    assert fresh.stats()["refused"] == 1
+    r.clear()
+
+
+def test_memory_stats_and_resettable_peaks(fresh, monkeypatch):
+    """The arena's buffer comes from the pool (as the runtime allocates it); two planned
+    requests and an unplanned one, then frees: allocated, reserved and peaks of the arena, the
+    pool and in total, and peaks that restart from now; memoplan.runtime's functions report
+    the installed allocator's."""
+    from memoplan import runtime
+
+    lib = fresh.lib
+    buffer = lib.mp_malloc(512 + 8192, 0, COMPUTE)
+    assert fresh.set_arena(buffer + 512, 8192)
+    fresh.begin(COMPUTE, [(1024, 0), (2048, 1024)])
+    a = lib.mp_malloc(1000, 0, COMPUTE)  # 1024 bytes at offset 0
+    b = lib.mp_malloc(2048, 0, COMPUTE)  # at 1024
+    w = lib.mp_malloc(100, 0, COMPUTE)   # unplanned: the pool
+    fresh.end()
+    assert (a, b) == (buffer + 512, buffer + 512 + 1024)
+
+    def stats(arena, pool, total):
+        return {part: dict(zip(allocator.MEMORY, v))
+                for part, v in (("arena", arena), ("pool", pool), ("total", total))}
+
+    pool = 8704 + 100
+    assert fresh.memory_stats() == stats((3072, 3072, 8192, 8192), (pool,) * 4,
+                                         (3172, 3172, pool, pool))
+    lib.mp_free(b, 0, 0, COMPUTE)
+    lib.mp_free(w, 0, 0, COMPUTE)
+    assert fresh.memory_stats() == stats((1024, 3072, 8192, 8192), (8704, pool, 8704, pool),
+                                         (1024, 3172, 8704, pool))
+    monkeypatch.setattr(allocator, "_installed", fresh)
+    runtime.reset_peak_memory_stats()
+    assert runtime.memory_stats() == stats((1024, 1024, 8192, 8192), (8704,) * 4,
+                                           (1024, 1024, 8704, 8704))
+    lib.mp_free(a, 0, 0, COMPUTE)
+    monkeypatch.setattr(allocator, "_installed", None)
+    with pytest.raises(MemoplanError, match="install_allocator\\(\\) has not run"):
+        runtime.memory_stats()
+
+
+def test_install_sets_the_record_stream_and_empty_cache_hooks(monkeypatch):
+    """install_allocator() hands PyTorch the raising entry point and sets its record-stream and
+    empty-cache hooks to the allocator's (a stand-in for PyTorch's CUDA classes here); a
+    PyTorch without the hooks is refused with a message naming the NCCL setting."""
+    seen = {}
+
+    class Hooks:
+        def set_record_stream_fn(self, fn):
+            seen["record_stream"] = fn
+
+        def set_reset_fn(self, fn):
+            seen["empty_cache"] = fn
+
+    class Pluggable:
+        hooks = Hooks
+
+        def __init__(self, path, malloc, free):
+            seen.update(malloc=malloc, free=free)
+
+        def allocator(self):
+            return self.hooks()
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    build = allocator.build
+    monkeypatch.setattr(allocator, "build", lambda: build(host_backend=True))
+    monkeypatch.setattr(torch.cuda.memory, "CUDAPluggableAllocator", Pluggable)
+    monkeypatch.setattr(torch.cuda.memory, "change_current_allocator",
+                        lambda a: seen.update(installed=a))
+    monkeypatch.setattr(allocator, "_installed", None)
+    planner = allocator.install_allocator()
+    assert (seen["malloc"], seen["free"]) == ("mp_torch_malloc", "mp_free")
+    assert seen["record_stream"] == planner.address("mp_record_stream")
+    assert seen["empty_cache"] == planner.address("mp_empty_cache")
+    assert isinstance(seen["installed"], Pluggable) and allocator.installed() is planner
+    monkeypatch.setattr(allocator, "_installed", None)
+    monkeypatch.setattr(Pluggable, "hooks", object)
+    with pytest.raises(MemoplanError, match="TORCH_NCCL_AVOID_RECORD_STREAMS=1"):
+        allocator.install_allocator()
 
 
 class TorchRequests:

@@ -174,7 +174,7 @@ class FakePlanner:
         self.calls.append(("arena", ptr, nbytes))
         return True
 
-    def begin(self, stream, slots, align=512, block=None):
+    def begin(self, stream, slots, align=512, block=None, device=0):
         self.calls.append(("begin", len(slots)) + ((block,) if block else ()))
 
     def end(self):

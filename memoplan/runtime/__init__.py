@@ -6,12 +6,14 @@
 - ``streams.py``: host copies (clones on a CPU; pinned buffers and side streams on a GPU).
 - ``arena.py``: the plan's arena; the runtime's own buffers are views into it.
 - ``allocator.py``: ``install_allocator()``, the process-wide allocator that replays the plan's
-  addresses for each layer's transient tensors (C++ in ``csrc/``, built at first use).
+  addresses for each layer's transient tensors (C++ in ``csrc/``, built at first use), and
+  ``memory_stats()`` / ``reset_peak_memory_stats()``, which stand in for torch.cuda's under it.
 
 Depends on torch, the plan format and memoplan.trace's tracing helpers; never on the solver.
 """
 
-from memoplan.runtime.allocator import install_allocator
+from memoplan.runtime.allocator import install_allocator, memory_stats, reset_peak_memory_stats
 from memoplan.runtime.apply import apply, load_plan, plan_from_text, stats
 
-__all__ = ["apply", "install_allocator", "load_plan", "plan_from_text", "stats"]
+__all__ = ["apply", "install_allocator", "load_plan", "memory_stats", "plan_from_text",
+           "reset_peak_memory_stats", "stats"]

@@ -8,32 +8,51 @@ with::
     import memoplan.runtime
     memoplan.runtime.install_allocator()   # first line, before any tensor is put on the GPU
 
-The allocator (``csrc/plan_allocator.cpp``, built with g++ against the CUDA runtime at first
+The allocator (``csrc/plan_allocator.cpp``, built with ``torch.utils.cpp_extension`` at first
 use and cached) serves everything from CUDA's stream-ordered pool, except during a planned
-phase: while the runtime replays layer i's forward or backward graph on the compute stream,
-the phase's requests get the plan's addresses in the arena (level-1 offsets inside the layer's
-``fwd[i]``/``bwd[i]`` block; the forward's saved tensors inside its ``round[i]`` block), and
-while it recomputes layer i's dropped tokens, first-fit inside its ``recompute[i]`` block (no
-trace lists those requests). A request that does not match the plan (other size, slot still
-in use, unplanned workspace, a full block) goes to the pool and is counted: ``stats()``
-reports divergence instead of hiding it. No address range is handed out twice while live,
-whatever the request stream does.
+phase: while the runtime replays layer i's forward or backward graph on one device's compute
+stream, the phase's requests from that (device, stream) get the plan's addresses in the arena
+(level-1 offsets inside the layer's ``fwd[i]``/``bwd[i]`` block; the forward's saved tensors
+inside its ``round[i]`` block), and while it recomputes layer i's dropped tokens, first-fit
+inside its ``recompute[i]`` block (no trace lists those requests). A request that does not match
+the plan (other size, slot still in use, unplanned workspace, a full block) goes to the pool and
+is counted: ``stats()`` reports divergence instead of hiding it. No address range is handed out
+twice while live, whatever the request stream does.
+
+It fails safe where PyTorch's pluggable-allocator API (``CUDAPluggableAllocator``, torch 2.5 to
+2.13) leaves it to the allocator:
+
+- one device: the arena is one device's. A second device's arena is refused with a warning (that
+  model runs without planned transients); phases match requests on (device, stream).
+- ``Tensor.record_stream`` (NCCL without ``TORCH_NCCL_AVOID_RECORD_STREAMS=1``, side streams,
+  FSDP1) is honoured through the API's record-stream hook: a freed block stays allocated until
+  an event recorded on each stream that used it has passed.
+- out of memory: PyTorch does not check a pluggable allocator's null pointer (an empty storage
+  would fail far from its cause), so the entry point it calls raises ``torch.OutOfMemoryError``
+  itself, with the planned and unplanned bytes in use and the arena's largest free range;
+  ``PlanAllocator.last_error()`` keeps the message.
+- ``torch.cuda.memory_allocated``/``memory_stats``/``max_memory_allocated``/
+  ``reset_peak_memory_stats``/``_record_memory_history`` fail under a pluggable allocator:
+  :func:`memory_stats` and :func:`reset_peak_memory_stats` stand in for them.
+- ``torch.cuda.empty_cache()`` reaches the pool through the API's empty-cache hook (idle memory
+  goes back to CUDA).
+- CUDA graph capture is refused: a request from a capturing stream raises with a message.
 
 Without the allocator the runtime still runs (its own buffers may still use the arena), with
 transients from PyTorch's caching allocator.
 
-Status: the replay logic is tested on a CPU (``-DMEMOPLAN_HOST_BACKEND`` build, driven through
-ctypes); the CUDA build and its use in training have not run on a GPU yet.
+Status: the replay logic and the fail-safe paths are tested on a CPU (``-DMEMOPLAN_HOST_BACKEND``
+build, driven through ctypes, with stand-ins for events, capture and an exhausted device); the
+CUDA build compiles and loads without a GPU, and has not run on a GPU yet.
 """
 
 from __future__ import annotations
 
 import ctypes
 import glob
-import hashlib
 import os
 import shutil
-import subprocess
+import warnings
 from pathlib import Path
 
 import torch
@@ -42,7 +61,8 @@ from memoplan.errors import MemoplanError
 
 SOURCE = Path(__file__).with_name("csrc") / "plan_allocator.cpp"
 STATS = ("planned", "shifted", "unplanned", "outside", "pool_bytes", "pool_peak",
-         "arena_live", "arena_peak", "arena_allocations", "in_block")
+         "arena_live", "arena_peak", "arena_allocations", "in_block", "refused", "waiting")
+MEMORY = ("allocated", "allocated_peak", "reserved", "reserved_peak")
 
 _installed: PlanAllocator | None = None
 
@@ -75,47 +95,48 @@ def cuda_dirs() -> tuple[list[str], list[str]]:
 
 
 def build(*, host_backend: bool = False) -> Path:
-    """Compile the allocator (once per source version; cached) and return the library's path.
+    """Compile the allocator with ``torch.utils.cpp_extension`` (its compiler flags, torch's
+    headers and its build cache, under :func:`cache_dir`) and return the library's path.
 
-    ``host_backend`` builds the CPU variant for tests (malloc instead of CUDA, no headers)."""
-    compiler = shutil.which(os.environ.get("CXX", "g++"))
-    if compiler is None:
+    ``host_backend`` builds the CPU variant for tests (malloc instead of CUDA, no CUDA headers).
+    The CUDA variant takes its CUDA headers and ``libcudart`` from :func:`cuda_dirs` rather than
+    from cpp_extension's ``CUDA_HOME``, which a CPU-only torch leaves unset: it then still
+    compiles (and loads) wherever CUDA's headers are installed."""
+    from torch.utils import cpp_extension
+
+    compiler = os.environ.get("CXX", "c++")
+    if shutil.which(compiler) is None:
         raise MemoplanError("memoplan's planned allocator is built from C++ at first use, and no "
-                            "C++ compiler (g++, or $CXX) is on PATH. Install one, or run without "
+                            "C++ compiler (c++, or $CXX) is on PATH. Install one, or run without "
                             "install_allocator() (transients then use PyTorch's allocator).")
-    flags = ["-O2", "-shared", "-fPIC", "-std=c++17"]
-    libs: list[str] = []
+    cflags, includes, ldflags = ["-O2"], [], []
     if host_backend:
-        flags.append("-DMEMOPLAN_HOST_BACKEND")
+        cflags.append("-DMEMOPLAN_HOST_BACKEND")
     else:
-        incs, cudart = cuda_dirs()
-        if not incs:
+        includes, cudart = cuda_dirs()
+        if not includes:
             raise MemoplanError(
                 "memoplan's planned allocator needs the CUDA runtime headers "
                 "(cuda_runtime_api.h) to build, and none were found under CUDA_HOME, "
                 "/usr/local/cuda or the nvidia pip packages. Install the CUDA toolkit headers "
                 "or set CUDA_HOME, or run without install_allocator().")
-        flags += [f"-I{d}" for d in incs]
         if cudart:
-            libs += [cudart[0], f"-Wl,-rpath,{os.path.dirname(cudart[0])}"]
+            ldflags += [cudart[0], f"-Wl,-rpath,{os.path.dirname(cudart[0])}"]
         else:
-            libs.append("-lcudart")
-    text = SOURCE.read_bytes()
-    tag = hashlib.sha256(text + " ".join(flags + libs).encode()).hexdigest()[:16]
-    out = cache_dir() / f"plan_allocator_{'host' if host_backend else 'cuda'}_{tag}.so"
-    if out.exists():
-        return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(f".{os.getpid()}.tmp")
-    r = subprocess.run([compiler, *flags, "-o", str(tmp), str(SOURCE), *libs],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        tmp.unlink(missing_ok=True)
+            ldflags.append("-lcudart")
+    name = f"memoplan_plan_allocator_{'host' if host_backend else 'cuda'}"
+    folder = cache_dir() / f"{name}_torch{torch.__version__}"
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        path = cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=cflags,
+                                  extra_include_paths=includes, extra_ldflags=ldflags,
+                                  build_directory=str(folder), with_cuda=False,
+                                  is_python_module=False)
+    except (RuntimeError, OSError) as e:
         raise MemoplanError(f"Building memoplan's planned allocator failed ({compiler}):\n"
-                            f"{r.stderr.strip()[-1500:]}\nRun without install_allocator(), or "
-                            f"fix the compiler set-up.")
-    tmp.replace(out)
-    return out
+                            f"{str(e).strip()[-1500:]}\nRun without install_allocator(), or "
+                            f"fix the compiler set-up.") from e
+    return Path(path)
 
 
 class PlanAllocator:
@@ -128,43 +149,72 @@ class PlanAllocator:
         lib.mp_malloc.restype = p
         lib.mp_malloc.argtypes = [ctypes.c_ssize_t, ctypes.c_int, p]
         lib.mp_free.argtypes = [p, ctypes.c_ssize_t, ctypes.c_int, p]
-        lib.mp_set_arena.argtypes = [p, i64]
+        lib.mp_record_stream.argtypes = [p, p]
+        lib.mp_last_error.argtypes = [ctypes.c_char_p, i64]
+        lib.mp_last_error.restype = i64
+        lib.mp_set_arena.argtypes = [p, i64, ctypes.c_int]
         lib.mp_set_arena.restype = ctypes.c_int
-        lib.mp_begin.argtypes = [p, i64, i64, ctypes.POINTER(i64), ctypes.POINTER(i64)]
+        lib.mp_begin.argtypes = [ctypes.c_int, p, i64, i64, ctypes.POINTER(i64),
+                                 ctypes.POINTER(i64)]
+        lib.mp_begin.restype = ctypes.c_int
         lib.mp_end.restype = i64
         lib.mp_region.argtypes = [i64, i64]
         lib.mp_reserve.argtypes = [i64, i64]
         lib.mp_reserve.restype = ctypes.c_int
         lib.mp_unreserve.argtypes = [i64]
         lib.mp_stats.argtypes = [ctypes.POINTER(i64)]
+        lib.mp_memory_stats.argtypes = [ctypes.c_int, ctypes.POINTER(i64)]
         lib.mp_live_ranges.argtypes = [ctypes.POINTER(i64), i64]
         lib.mp_live_ranges.restype = i64
         lib.mp_pool_reserved_high.argtypes = [ctypes.c_int]
         lib.mp_pool_reserved_high.restype = i64
+        self.device: int | None = None  # the arena's device: the only one the plan places on
         self.missed = 0  # planned requests that phases never saw
         self.arenas: list = []  # arena buffers handed to the allocator: kept for the process
 
-    def set_arena(self, ptr: int, nbytes: int, keep: object = None) -> bool:
-        """Use ``nbytes`` at ``ptr`` as the arena; False (refused) while another arena still
-        holds planned tensors. ``keep`` (the buffer) is held for the life of the process: a
-        planned tensor may outlive the model whose arena it is in."""
-        if not self.lib.mp_set_arena(ptr, nbytes):
+    def address(self, name: str) -> int:
+        """The address of the library's function ``name`` (for PyTorch's hooks)."""
+        return ctypes.cast(getattr(self.lib, name), ctypes.c_void_p).value
+
+    def set_arena(self, ptr: int, nbytes: int, keep: object = None,
+                  device: int | None = None) -> bool:
+        """Use ``nbytes`` at ``ptr`` on ``device`` (default: that of ``keep``, a tensor; else 0)
+        as the arena; False (refused) while another arena still holds planned tensors, or (with
+        a warning) for a device other than the first arena's. ``keep`` (the buffer) is held for
+        the life of the process: a planned tensor may outlive the model whose arena it is in."""
+        if device is None:
+            on_cuda = isinstance(keep, torch.Tensor) and keep.device.type == "cuda"
+            device = keep.device.index if on_cuda else 0
+        done = self.lib.mp_set_arena(ptr, nbytes, device)
+        if done < 0:
+            warnings.warn(
+                f"memoplan's planned allocator places one device's plan per process (cuda:"
+                f"{self.device}), so the plan on cuda:{device} runs without it: that model's "
+                f"transients come from the pool. Run one process per GPU (torchrun) to place "
+                f"every device's transients.", stacklevel=2)
             return False
+        if not done:
+            return False
+        self.device = device
         if keep is not None:
             self.arenas.append(keep)
         return True
 
     def begin(self, stream: int, slots: list[tuple[int, int]], align: int = 512,
-              block: tuple[int, int] | None = None) -> None:
-        """Start a phase on ``stream`` (a cudaStream_t as int): planned (size, offset) pairs in
-        request order (sizes rounded up to ``align``; offset -1: left to the pool), and
-        ``block`` (offset, size): where requests the slots do not place go first-fit."""
+              block: tuple[int, int] | None = None, device: int = 0) -> bool:
+        """Start a phase on (``device``, ``stream``: a cudaStream_t as int): planned (size,
+        offset) pairs in request order (sizes rounded up to ``align``; offset -1: left to the
+        pool), and ``block`` (offset, size): where requests the slots do not place go
+        first-fit. False (no phase: everything goes to the pool) where the arena is another
+        device's."""
         n = len(slots)
         sizes = (ctypes.c_int64 * n)(*(s for s, _ in slots))
         offsets = (ctypes.c_int64 * n)(*(o for _, o in slots))
-        self.lib.mp_begin(stream, align, n, sizes, offsets)
+        if not self.lib.mp_begin(device, stream, align, n, sizes, offsets):
+            return False
         if block is not None:
             self.lib.mp_region(*block)
+        return True
 
     def end(self) -> None:
         self.missed += self.lib.mp_end()
@@ -176,12 +226,40 @@ class PlanAllocator:
         self.lib.mp_unreserve(offset)
 
     def stats(self) -> dict[str, int]:
+        """Request counters: ``planned``, ``shifted``, ``unplanned``, ``outside``, ``in_block``,
+        ``refused`` (null: out of memory, graph capture), ``missed``; bytes (``pool_bytes``,
+        ``arena_live`` and their peaks); ``arena_allocations`` live; ``waiting``: freed blocks
+        held until the streams that used them (record_stream) pass their events."""
         out = (ctypes.c_int64 * len(STATS))()
         self.lib.mp_stats(out)
         return {**dict(zip(STATS, out)), "missed": self.missed}
 
+    def memory_stats(self, device: int | None = None) -> dict[str, dict[str, int]]:
+        """Bytes ``allocated``, ``reserved`` and their peaks for ``arena`` (planned tensors live;
+        its size), ``pool`` (its allocations, the arena buffer among them; what CUDA's pool on
+        ``device`` holds, by default the arena's device) and ``total`` (live tensors, planned
+        or not, the arena buffer not counted; the pool's reserve). Counts cover every device."""
+        out = (ctypes.c_int64 * (3 * len(MEMORY)))()
+        if device is None:
+            device = self.device or 0
+        self.lib.mp_memory_stats(device, out)
+        return {part: dict(zip(MEMORY, out[len(MEMORY) * i: len(MEMORY) * (i + 1)]))
+                for i, part in enumerate(("arena", "pool", "total"))}
+
     def reset_peaks(self) -> None:
+        """Peaks restart from what is allocated and reserved now."""
         self.lib.mp_reset_peaks()
+
+    def empty_cache(self) -> None:
+        """What ``torch.cuda.empty_cache()`` calls: idle pool memory goes back to CUDA."""
+        self.lib.mp_empty_cache()
+
+    def last_error(self) -> str:
+        """Why the last request that got no memory was refused ('' if none was)."""
+        n = self.lib.mp_last_error(None, 0)
+        buf = ctypes.create_string_buffer(n + 1)
+        self.lib.mp_last_error(buf, n + 1)
+        return buf.value.decode(errors="replace")
 
     def reserved_high(self, device: int = 0) -> int:
         """The CUDA pool's reserved-bytes high-water mark (-1 where unknown)."""
@@ -255,7 +333,10 @@ def phase_block(plan, phase: str, index: int) -> tuple[int, int] | None:
 def install_allocator() -> PlanAllocator:
     """Route every CUDA allocation of this process through memoplan's planned allocator.
 
-    Call it first thing in the training script, before any CUDA tensor exists. Idempotent."""
+    Call it first thing in the training script, before any CUDA tensor exists. Idempotent.
+    PyTorch's record-stream and empty-cache hooks are set to the allocator's; a PyTorch whose
+    pluggable allocator has no such hooks is refused (``Tensor.record_stream`` would be ignored,
+    and memory NCCL or a side stream still uses could be handed out again)."""
     global _installed
     if _installed is not None:
         return _installed
@@ -263,7 +344,19 @@ def install_allocator() -> PlanAllocator:
         raise MemoplanError("install_allocator() places CUDA tensors, and no CUDA device is "
                             "available here. Leave it out on a CPU (the runtime runs without).")
     path = build()
-    alloc = torch.cuda.memory.CUDAPluggableAllocator(str(path), "mp_malloc", "mp_free")
+    planner = PlanAllocator(path)
+    alloc = torch.cuda.memory.CUDAPluggableAllocator(str(path), "mp_torch_malloc", "mp_free")
+    hooks = alloc.allocator()
+    missing = [h for h in ("set_record_stream_fn", "set_reset_fn") if not hasattr(hooks, h)]
+    if missing:
+        raise MemoplanError(
+            f"This PyTorch ({torch.__version__}) has no {' or '.join(missing)} on its pluggable "
+            f"allocator, so memoplan's planned allocator could not honour Tensor.record_stream: "
+            f"memory used by NCCL (unless TORCH_NCCL_AVOID_RECORD_STREAMS=1), side streams or "
+            f"FSDP1 could be reused while still in use. Use PyTorch 2.5 or later, or run "
+            f"without install_allocator().")
+    hooks.set_record_stream_fn(planner.address("mp_record_stream"))
+    hooks.set_reset_fn(planner.address("mp_empty_cache"))
     try:
         torch.cuda.memory.change_current_allocator(alloc)
     except RuntimeError as e:
@@ -271,10 +364,34 @@ def install_allocator() -> PlanAllocator:
             "install_allocator() came after the first CUDA allocation of this process, and "
             "PyTorch's allocator cannot be swapped then. Call it at the top of the training "
             f"script, before any model or tensor is moved to the GPU ({e}).") from e
-    _installed = PlanAllocator(path)
+    _installed = planner
     return _installed
 
 
 def installed() -> PlanAllocator | None:
     """The planned allocator if ``install_allocator()`` ran in this process."""
     return _installed
+
+
+def _require() -> PlanAllocator:
+    if _installed is None:
+        raise MemoplanError("memoplan's memory statistics are those of its planned allocator, "
+                            "and install_allocator() has not run in this process: use "
+                            "torch.cuda.memory_stats() and its kin instead.")
+    return _installed
+
+
+def memory_stats(device: int | None = None) -> dict[str, dict[str, int]]:
+    """What ``torch.cuda.memory_stats`` would say under the planned allocator (where it fails):
+    bytes ``allocated``, ``reserved`` and their peaks (``allocated_peak``, ``reserved_peak``)
+    for the ``arena``, the ``pool`` and in ``total`` (see :meth:`PlanAllocator.memory_stats`).
+    ``total["allocated"]`` stands in for ``torch.cuda.memory_allocated()``,
+    ``total["allocated_peak"]`` for ``max_memory_allocated()``, ``total["reserved"]`` for
+    ``memory_reserved()``."""
+    return _require().memory_stats(device)
+
+
+def reset_peak_memory_stats() -> None:
+    """Restart every peak of :func:`memory_stats` from now (as
+    ``torch.cuda.reset_peak_memory_stats`` would)."""
+    _require().reset_peaks()

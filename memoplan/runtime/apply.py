@@ -105,10 +105,15 @@ class _Runner:
         if (phase, index) not in self.slots:
             self.slots[phase, index] = allocator.phase_slots(
                 self.plan, phase, index, frozenset(prog.input_grad_names))
-        stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+        # a phase is keyed on (device, stream): the default stream is 0 on every device (a CPU
+        # run, the tests' host-built allocator, is device 0, stream 0)
+        stream, where = 0, 0
+        if device.type == "cuda":
+            current = torch.cuda.current_stream(device)
+            stream, where = current.cuda_stream, current.device_index
         planner.begin(stream, self.slots[phase, index],
                       align=int(self.plan.config.get("align", 512)),
-                      block=allocator.phase_block(self.plan, phase, index))
+                      block=allocator.phase_block(self.plan, phase, index), device=where)
         try:
             yield
         finally:
