@@ -37,12 +37,14 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import memoplan.runtime as runtime  # noqa: E402
+from benchmarks.stack_model import Stack  # noqa: E402  (what is trained, and profiled)
+
+STACK_FILE = ROOT / "benchmarks" / "stack_model.py"
 
 STRATEGIES = ("keep-all", "full recompute", "save_on_cpu", "naive offload", "memoplan",
               "memoplan + planned allocator")
@@ -58,20 +60,6 @@ def load_example(preset: str, layers: int):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod, path
-
-
-class Stack(torch.nn.Module):
-    """The model's decoder layers alone, fed random hidden states."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.layers = model.layers
-
-    def forward(self, x, cos, sin, strategy: str = "keep"):
-        for layer in self.layers:
-            x = checkpoint(layer, x, cos, sin, use_reentrant=False) if strategy == "recompute" \
-                else layer(x, cos, sin)
-        return x
 
 
 def naive_offload_hooks(device: torch.device):
@@ -211,7 +199,8 @@ def main() -> None:
 
     mod, path = load_example(args.preset, args.layers)
     profile_seq = args.profile_seq or (128 if args.preset == "tiny" else 1024)
-    prof = profile_model(ProfileConfig(model_file=path, seq=profile_seq, device=args.device))
+    # the stack's own file: the plan then budgets what the stack holds outside the arena
+    prof = profile_model(ProfileConfig(model_file=STACK_FILE, seq=profile_seq, device=args.device))
     model = mod.build_model().to(device)
     stack = Stack(model)
     tmp = Path(tempfile.mkdtemp(prefix="memoplan-bench-"))

@@ -82,6 +82,9 @@ class SavedTensor:
     law: SizeLaw
     segment: int | None = None
     autograd_saved: bool = True   # False for a layer input kept only to recompute from
+    # dense with its tokens outermost in memory: its first k tokens are a prefix of its buffer,
+    # so the copied tokens can arrive early and the recomputed ones be placed right after them
+    token_outer: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -364,6 +367,8 @@ class LevelPlan:
     status: str
     gap: float
     seconds: float
+    # growing blocks (solve.dsa.Block.grow): id -> (extra bytes right after `sizes`, from step)
+    grows: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def ratio(self) -> float:
@@ -392,6 +397,7 @@ class Plan:
         def level(lp: LevelPlan) -> dict:
             d = asdict(lp)
             d["lifetimes"] = {k: list(v) for k, v in lp.lifetimes.items()}
+            d["grows"] = {k: list(v) for k, v in lp.grows.items()}
             d["ratio"] = lp.ratio
             return d
 
@@ -419,6 +425,7 @@ class Plan:
             for k, v in d["levels"].items():
                 v = {kk: vv for kk, vv in v.items() if kk != "ratio"}
                 v["lifetimes"] = {kk: tuple(vv) for kk, vv in v["lifetimes"].items()}
+                v["grows"] = {kk: tuple(vv) for kk, vv in v.get("grows", {}).items()}
                 levels[k] = LevelPlan(**v)
             return cls(schema=d["schema"], profile_hash=d["profile_hash"],
                        layer_class=d["layer_class"], config=d["config"],

@@ -46,6 +46,7 @@ DPI = 110
 KIND_COLORS = {
     "transient": "#9aa9bd", "output": "#59a14f", "grad": "#f28e2b", "input": "#b07aa1",
     "rounding": "#4e79a7", "prefetch": "#76b7b2", "recompute": "#e15759", "head": "#9c755f",
+    "split": "#edc948",
 }
 OTHER_COLOR = "#bab0ac"
 BAR_COLORS = {"forward": "#4e79a7", "backward": "#f28e2b", "recompute": "#b07aa1",
@@ -128,8 +129,9 @@ def live_bytes(lp: LevelPlan) -> list[int]:
     """Sum of the sizes of the tensors live at each step (lifetimes are ``[start, end)``)."""
     live = [0] * n_steps(lp)
     for tid, (start, end) in lp.lifetimes.items():
+        grow, grow_at = lp.grows.get(tid, (0, end))
         for step in range(start, end):
-            live[step] += lp.sizes[tid]
+            live[step] += lp.sizes[tid] + (grow if step >= grow_at else 0)
     return live
 
 
@@ -145,12 +147,18 @@ def _step_line(ax: Axes, values: Sequence[float], *, label: str, color: str, gid
 def _draw_blocks(ax: Axes, lp: LevelPlan, offsets: Mapping[str, int], *, names: bool) -> None:
     """One rectangle per tensor of ``lp`` at ``offsets``, coloured by kind; big ones named."""
     steps = max(n_steps(lp), 1)
-    top = max((offsets[t] + lp.sizes[t] for t in lp.sizes), default=1)
+    top = max((offsets[t] + lp.sizes[t] + lp.grows.get(t, (0, 0))[0] for t in lp.sizes),
+              default=1)
     for tid, (start, end) in lp.lifetimes.items():
         y, h = offsets[tid] / MIB, lp.sizes[tid] / MIB
-        ax.add_patch(Rectangle((start, y), end - start, h, facecolor=KIND_COLORS.get(
-            lp.kinds.get(tid, ""), OTHER_COLOR), edgecolor="white", linewidth=0.5,
-            gid=f"block:{tid}", zorder=2))
+        color = KIND_COLORS.get(lp.kinds.get(tid, ""), OTHER_COLOR)
+        ax.add_patch(Rectangle((start, y), end - start, h, facecolor=color, edgecolor="white",
+                               linewidth=0.5, gid=f"block:{tid}", zorder=2))
+        if tid in lp.grows:  # a growing block: its later part, right above, from its step on
+            grow, grow_at = lp.grows[tid]
+            ax.add_patch(Rectangle((grow_at, y + h), end - grow_at, grow / MIB, facecolor=color,
+                                   edgecolor="white", linewidth=0.5, gid=f"grow:{tid}",
+                                   zorder=2))
         if names and (end - start) / steps >= 0.05 and lp.sizes[tid] / top >= 0.05:
             ax.text(start + (end - start) / 2, y + h / 2, tid, ha="center", va="center",
                     fontsize=6, clip_on=True, zorder=3)
@@ -191,7 +199,8 @@ def level_figure(lp: LevelPlan, *, title: str, labels: Sequence[str] | None = No
 
 def level_blocks(lp: LevelPlan) -> list[Block]:
     """The level's blocks rebuilt from the plan (ids are the plan's string ids)."""
-    return [Block(id=tid, size=lp.sizes[tid], start=start, end=end)
+    return [Block(id=tid, size=lp.sizes[tid], start=start, end=end,
+                  grow=lp.grows.get(tid, (0, 0))[0], grow_at=lp.grows.get(tid, (0, 0))[1])
             for tid, (start, end) in lp.lifetimes.items()]
 
 

@@ -15,7 +15,7 @@ from conftest import EXAMPLES
 from memoplan.errors import MemoplanError
 from memoplan.hardware import get_hardware
 from memoplan.ir import Plan, Profile
-from memoplan.plot import (KIND_COLORS, MIB, caching_figure, level_figure, load_snapshot,
+from memoplan.plot import (KIND_COLORS, MIB, caching_figure, level_blocks, level_figure, load_snapshot,
                            phase_labels, snapshot_figure, timeline_figure)
 from memoplan.solve import SolveConfig, solve_plan
 from memoplan.solve.caching_sim import simulate_caching_allocator
@@ -109,7 +109,15 @@ def test_level_plot_draws_every_tensor_where_the_plan_puts_it(plan, level):
     lp = plan.levels[level]
     ax = level_figure(lp, title=level).axes[0]
     rects = _blocks(ax)
-    assert len(ax.patches) == len(rects) == len(lp.offsets) > 0
+    grown = [p for p in ax.patches if str(p.get_gid()).startswith("grow:")]
+    assert len(ax.patches) == len(rects) + len(grown) and len(rects) == len(lp.offsets) > 0
+    assert len(grown) == len(lp.grows)  # a growing block's later part, drawn right above it
+    for g in grown:
+        tid = g.get_gid().removeprefix("grow:")
+        grow, grow_at = lp.grows[tid]
+        assert (g.get_x(), g.get_width()) == (grow_at, lp.lifetimes[tid][1] - grow_at)
+        assert g.get_y() == pytest.approx((lp.offsets[tid] + lp.sizes[tid]) / MIB)
+        assert g.get_height() == pytest.approx(grow / MIB)
     for r in rects:
         tid = r.get_gid().removeprefix("block:")
         start, end = lp.lifetimes[tid]
@@ -123,7 +131,7 @@ def test_level_plot_draws_every_tensor_where_the_plan_puts_it(plan, level):
     assert peak <= ax.get_ylim()[1] <= 1.2 * peak
     # the live-bytes curve reaches exactly the solver's lower bound (largest live total)
     assert max(_line(ax, "live").get_ydata()) == pytest.approx(lp.lower_bound / MIB)
-    assert max(r.get_y() + r.get_height() for r in rects) == pytest.approx(lp.peak / MIB)
+    assert max(r.get_y() + r.get_height() for r in rects + grown) == pytest.approx(lp.peak / MIB)
 
 
 def test_level1_kinds_and_level2_phase_ticks(plan):
@@ -144,7 +152,7 @@ def test_level1_kinds_and_level2_phase_ticks(plan):
 @pytest.mark.parametrize("level", ["forward", "iteration"])
 def test_caching_panel_replays_the_caching_allocator(plan, level):
     lp = plan.levels[level]
-    blocks = [Block(id=t, size=lp.sizes[t], start=s, end=e) for t, (s, e) in lp.lifetimes.items()]
+    blocks = level_blocks(lp)  # growing blocks whole from their start, as a caching allocator holds them
     sim = simulate_caching_allocator(blocks_to_requests(blocks))
     assert sim.reserved_peak == lp.caching_reserved_peak  # the solver recorded the same baseline
     fig = caching_figure(lp, title=level)

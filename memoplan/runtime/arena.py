@@ -9,6 +9,10 @@ step places them at the same addresses and nothing fragments.
 
 A block is leased for the time the plan gives it (from the prefetch during layer ``i+1``'s
 backward to the end of layer ``i``'s backward) and its views are handed out from the lease.
+A split tensor whose tokens are outermost in memory has a growing block of its own
+(``split[i]:NAME``): leased with its copied tokens' bytes during layer ``i+1``'s backward, and
+extended by the bytes of its recomputed tokens, right after them, when layer ``i``'s backward
+starts; the tensor is one view over the whole block.
 Safety does not rest on the plan being right: a lease whose address range overlaps a live
 lease (or, with the planned allocator, a live planned tensor) is refused, and a view that does
 not fit its block (a longer sequence than planned) is an ordinary allocation; both are counted
@@ -34,9 +38,43 @@ def empty_laid_out(shape: tuple[int, ...], dtype: torch.dtype, order: list[int],
 class Lease:
     """One block of the arena, held by one layer call; hands out consecutive views."""
 
-    def __init__(self, arena: Arena, name: str, start: int, size: int) -> None:
+    def __init__(self, arena: Arena, name: str, start: int, size: int, grow: int = 0) -> None:
         self.arena, self.name, self.start, self.size = arena, name, start, size
+        self.grow = grow  # bytes right after the block it may claim later (extend())
         self.used = 0
+
+    def tensor(self, shape: tuple[int, ...], dtype: torch.dtype,
+               order: list[int]) -> torch.Tensor | None:
+        """One tensor over the block from its start, to fill as the block grows (only its
+        first ``size`` bytes are claimed until ``extend()``); None where it does not fit."""
+        laid = [shape[d] for d in order]
+        nbytes = torch.Size(laid).numel() * dtype.itemsize
+        if not self.size + self.grow or nbytes > self.size + self.grow:
+            return None
+        self.used = max(self.used, min(nbytes, self.size))
+        self.arena.hits += 1
+        first = ALIGN + self.start
+        raw = self.arena.buffer[first: first + nbytes]
+        return raw.view(dtype).view(laid).permute([order.index(d) for d in range(len(shape))])
+
+    def extend(self) -> bool:
+        """Claim the block's later bytes (``grow``); False, claiming nothing, where they are
+        still in use (a live lease, or with the planned allocator a live planned tensor)."""
+        if not self.grow:
+            return True
+        end = self.start + self.size + self.grow
+        if any(l is not self and self.start < l.start + l.size and l.start < end
+               for l in self.arena.leases.values()):
+            return False
+        planner = self.arena.planner
+        if planner is not None:
+            planner.unreserve(self.start)
+            if not planner.reserve(self.start, self.size + self.grow):
+                planner.reserve(self.start, self.size)
+                return False
+        self.size, self.grow = self.size + self.grow, 0
+        self.used = self.size  # (poisoned whole on release)
+        return True
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype,
               order: list[int] | None = None) -> torch.Tensor:
@@ -71,8 +109,9 @@ class Arena:
     """The arena of one model's plan on one device (allocated at the first lease)."""
 
     def __init__(self, blocks: dict[str, tuple[int, int]], nbytes: int,
-                 device: torch.device) -> None:
+                 device: torch.device, grows: dict[str, int] | None = None) -> None:
         self.blocks = blocks      # block name -> (offset, size)
+        self.grows = grows or {}  # growing block name -> the bytes it claims later
         self.nbytes = nbytes
         self.device = device
         self.buffer: torch.Tensor | None = None
@@ -85,7 +124,8 @@ class Arena:
     def for_plan(cls, plan, device: torch.device) -> Arena:
         it = plan.levels["iteration"]
         blocks = {name: (it.offsets[name], it.sizes[name]) for name in it.offsets}
-        return cls(blocks, plan.arena_bytes, device)
+        return cls(blocks, plan.arena_bytes, device,
+                   {name: grow for name, (grow, _) in it.grows.items()})
 
     def start(self) -> None:
         """Allocate the arena (once) and hand it to the planned allocator, if any."""
@@ -103,12 +143,13 @@ class Arena:
         back)."""
         self.start()
         start, size = self.blocks.get(name, (0, 0))
+        grow = self.grows.get(name, 0)
         if name in self.leases or any(start < l.start + l.size and l.start < start + size
                                       for l in self.leases.values()):
-            start, size = 0, 0
+            start, size, grow = 0, 0, 0
         if size and self.planner is not None and not self.planner.reserve(start, size):
-            start, size = 0, 0  # a planned tensor still lives there
-        lease = Lease(self, name, start, size)
+            start, size, grow = 0, 0, 0  # a planned tensor still lives there
+        lease = Lease(self, name, start, size, grow)
         if size:
             self.leases[name] = lease
         return lease

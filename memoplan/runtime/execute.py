@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from memoplan.runtime.arena import Arena, Lease, dim_order
+from memoplan.runtime.arena import Arena, Lease, dim_order, empty_laid_out
 from memoplan.runtime.program import LayerProgram
 from memoplan.runtime.streams import Copier, aligned
 from memoplan.trace.recompute import run_on_tokens
@@ -68,7 +68,8 @@ class LayerState:
         self.recomputed_tokens = 0                     # summed over rebuilt tensors
         self.fetched: dict[str, tuple] = {}            # creator -> (device tensor, event)
         self.full: dict[str, torch.Tensor] = {}        # split creator -> its buffer for backward
-        self.lease: Lease | None = None                # the arena block those buffers live in
+        self.lease: Lease | None = None                # the prefetch block (whole copies)
+        self.split_lease: dict[str, Lease] = {}        # split creator -> its growing block
 
 
 def forward_layer(prog: LayerProgram, mode: str, alpha: float, copier: Copier, index: int,
@@ -135,6 +136,8 @@ def _state_gone(kept: dict[str, Any], copier: Copier) -> None:
         copier.ready(fetched)
     if kept["lease"] is not None:
         kept["lease"].release()
+    for lease in kept["split_lease"].values():
+        lease.release()
     for c, buf in kept["host"].items():
         copier.give_back(kept["slot"][c], buf)
 
@@ -169,26 +172,63 @@ def _poison(prog: LayerProgram, env: dict[str, Any], outputs: list[torch.Tensor]
 
 
 def prefetch_layer(state: LayerState, copier: Copier, arena: Arena, device: torch.device) -> None:
-    """Start copying a layer's host copies back into its arena block (idempotent). Called for
-    layer i while layer i+1 runs its backward, and again, as a no-op or to catch up, when layer
-    i's backward starts. A split tensor's full buffer is laid out like the forward's tensor; its
-    first k tokens are copied into it here, the others are recomputed into it in backward."""
+    """Start copying a layer's host copies back into the arena (idempotent). Called for layer i
+    while layer i+1 runs its backward, and again, as a no-op or to catch up, when layer i's
+    backward starts. Tensors copied whole come back into the ``prefetch[i]`` block. A split
+    tensor's buffer is laid out like the forward's tensor and its first k tokens are copied
+    into it here: in its own ``split[i]:NAME`` block, where its tokens are outermost (only
+    those k tokens' bytes are claimed now; the rest, where its dropped tokens are recomputed,
+    from layer i's own backward on, see ``_own_buffers``), else in the prefetch block."""
     if state.lease is None:
         state.lease = arena.lease(f"prefetch[{state.index}]")
     for c, host in state.host.items():
         if c in state.fetched:
             continue
         if c in state.split_at:
-            shape, dtype = state.shape[c]
-            full = state.full[c] = state.lease.empty(shape, dtype, state.layout[c])
+            full = state.full[c] = _split_buffer(state, c, arena)
             dest = full.narrow(state.axis[c], 0, state.split_at[c])
         else:
             dest = state.lease.empty(host.shape, host.dtype, state.layout[c])
         state.fetched[c] = copier.prefetch(host, dest, state.layout[c])
-    for c in state.split_at:  # tensors with no token copied (alpha 0) still need a buffer
+
+
+def _split_buffer(state: LayerState, c: str, arena: Arena) -> torch.Tensor:
+    """Split tensor ``c``'s full buffer: a view over its growing block, when the plan has one
+    and its tokens lead its layout at this call's shape; else from the prefetch block."""
+    shape, dtype = state.shape[c]
+    order = state.layout[c]
+    name = f"split[{state.index}]:{c}"
+    if name in arena.blocks and [d for d in order if shape[d] > 1][:1] == [state.axis[c]]:
+        lease = arena.lease(name)
+        full = lease.tensor(shape, dtype, order)
+        if full is not None:
+            state.split_lease[c] = lease
+            return full
+        lease.release()
+    return state.lease.empty(shape, dtype, order)
+
+
+def _own_buffers(state: LayerState, copier: Copier, arena: Arena) -> None:
+    """At layer i's own backward: the buffers of split tensors with no token copied (alpha 0),
+    and the later bytes of every growing block, where the dropped tokens are recomputed. Where
+    those bytes are still in use (a plan that does not match the run), the tensor moves to an
+    ordinary buffer (its copied tokens with it), counted as an arena fallback."""
+    for c in state.split_at:
         if c not in state.full:
-            shape, dtype = state.shape[c]
-            state.full[c] = state.lease.empty(shape, dtype, state.layout[c])
+            state.full[c] = _split_buffer(state, c, arena)
+    for c, lease in list(state.split_lease.items()):
+        if lease.extend():
+            continue
+        shape, dtype = state.shape[c]
+        moved = empty_laid_out(shape, dtype, state.layout[c], device=arena.device)
+        k = state.split_at[c]
+        if k:
+            copier.ready(state.fetched[c])
+            moved.narrow(state.axis[c], 0, k).copy_(state.full[c].narrow(state.axis[c], 0, k))
+        state.full[c] = moved
+        arena.misses += 1
+        lease.release()
+        del state.split_lease[c]
 
 
 def backward_layer(prog: LayerProgram, mode: str, state: LayerState, copier: Copier, arena: Arena,
@@ -205,6 +245,7 @@ def backward_layer(prog: LayerProgram, mode: str, state: LayerState, copier: Cop
     device = grad_outputs[0].device
     env: dict[str, Any] = dict(state.device)
     prefetch_layer(state, copier, arena, device)
+    _own_buffers(state, copier, arena)
     for c in state.host:
         if c not in state.split_at:
             env[c] = copier.ready(state.fetched[c])
@@ -232,6 +273,9 @@ def backward_layer(prog: LayerProgram, mode: str, state: LayerState, copier: Cop
     if state.lease is not None:
         state.lease.release(poison=poison)
         state.lease = None
+    for lease in state.split_lease.values():
+        lease.release(poison=poison)
+    state.split_lease.clear()
     for c, buf in state.host.items():  # the compute stream has waited for their copies back
         copier.give_back(state.slot[c], buf)
     state.host.clear()

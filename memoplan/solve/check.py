@@ -62,9 +62,9 @@ def _check_offsets(blocks: Sequence[Block], placement: Placement) -> None:
         offset = placement.offsets[block.id]
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise PlanCheckError(f"block {block.id!r} has offset {offset!r}; need an int >= 0")
-        if offset + block.size > placement.peak:
+        if offset + block.top > placement.peak:
             raise PlanCheckError(
-                f"block {block.id!r} occupies [{offset}, {offset + block.size}) bytes, "
+                f"block {block.id!r} occupies [{offset}, {offset + block.top}) bytes, "
                 f"beyond the claimed peak of {placement.peak} bytes"
             )
 
@@ -73,7 +73,7 @@ def _check_peak(blocks: Sequence[Block], placement: Placement) -> None:
     """The claimed peak is exactly the highest byte any block reaches."""
     actual = 0
     for block in blocks:
-        actual = max(actual, placement.offsets[block.id] + block.size)
+        actual = max(actual, placement.offsets[block.id] + block.top)
     if placement.peak != actual:
         raise PlanCheckError(
             f"claimed peak is {placement.peak} bytes but the blocks reach {actual} bytes"
@@ -85,7 +85,7 @@ def _check_disjoint(blocks: Sequence[Block], placement: Placement) -> None:
     order = sorted(blocks, key=lambda b: (b.start, b.end))
     live: list[Block] = []
     for block in order:
-        if block.size == 0 or block.start == block.end:
+        if block.top == 0 or block.start == block.end:
             continue
         live = [other for other in live if other.end > block.start]
         for other in live:
@@ -94,12 +94,14 @@ def _check_disjoint(blocks: Sequence[Block], placement: Placement) -> None:
 
 
 def _check_pair(a: Block, b: Block, offsets: dict) -> None:
-    """Raise when blocks a and b (live at a common step) share an address."""
+    """Raise when blocks a and b (live at a common step) share an address (each holding what
+    it holds during their common steps: a growing block its grown size once it has grown)."""
     low_a, low_b = offsets[a.id], offsets[b.id]
-    if low_a < low_b + b.size and low_b < low_a + a.size:
+    size_a, size_b = a.reach(b), b.reach(a)
+    if low_a < low_b + size_b and low_b < low_a + size_a:
         raise PlanCheckError(
-            f"blocks {a.id!r} ([{low_a}, {low_a + a.size}) bytes, steps [{a.start}, {a.end})) "
-            f"and {b.id!r} ([{low_b}, {low_b + b.size}) bytes, steps [{b.start}, {b.end})) "
+            f"blocks {a.id!r} ([{low_a}, {low_a + size_a}) bytes, steps [{a.start}, {a.end})) "
+            f"and {b.id!r} ([{low_b}, {low_b + size_b}) bytes, steps [{b.start}, {b.end})) "
             "are live together at overlapping addresses"
         )
 
@@ -110,7 +112,9 @@ def _live_bytes_peak(blocks: Sequence[Block]) -> int:
     for block in blocks:
         if block.start < block.end:
             change[block.start] = change.get(block.start, 0) + block.size
-            change[block.end] = change.get(block.end, 0) - block.size
+            change[block.end] = change.get(block.end, 0) - block.top
+            if block.grow:
+                change[block.grow_at] = change.get(block.grow_at, 0) + block.grow
     live = peak = 0
     for step in sorted(change):
         live += change[step]

@@ -14,6 +14,12 @@ overlap must not overlap in address. Here:
 Lifetimes are half-open: a block freed at step ``j`` and one malloc'ed at step ``j`` may share
 bytes. Blocks of size 0 or with an empty lifetime (``start == end``) conflict with nothing and
 go to offset 0, but like every block they must end at or below the peak.
+
+A block may *grow*: ``size`` bytes from ``start``, ``size + grow`` bytes (the same offset, the
+extra bytes right after) from step ``grow_at`` until ``end``. This is one tensor whose first
+part is needed earlier than the rest (a split tensor's copied tokens arrive one layer before
+its recomputed ones, and the whole tensor must still be one contiguous buffer). Two blocks
+conflict over the bytes each holds during their common steps (`Block.reach`).
 """
 
 from __future__ import annotations
@@ -35,11 +41,13 @@ class Block:
     size: int  # bytes
     start: int  # first request step at which the block is live
     end: int  # first request step at which it is dead again (exclusive)
+    grow: int = 0  # extra bytes, right after `size`, live from step `grow_at` to `end`
+    grow_at: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, int | str) or isinstance(self.id, bool):
             raise MemoplanError(f"Block id must be an int or a str, got {self.id!r}.")
-        for name in ("size", "start", "end"):
+        for name in ("size", "start", "end", "grow", "grow_at"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise MemoplanError(f"Block {self.id!r}: {name} must be an int, got {value!r}.")
@@ -50,11 +58,24 @@ class Block:
                 f"Block {self.id!r}: need 0 <= start <= end, "
                 f"got start={self.start}, end={self.end}."
             )
+        if self.grow < 0 or (self.grow and not self.start < self.grow_at < self.end):
+            raise MemoplanError(
+                f"Block {self.id!r}: a growing block needs grow >= 0 and start < grow_at < end, "
+                f"got grow={self.grow}, grow_at={self.grow_at} over [{self.start}, {self.end}).")
+
+    @property
+    def top(self) -> int:
+        """The most bytes the block holds at any step (what must fit under the peak)."""
+        return self.size + self.grow
+
+    def reach(self, other: Block) -> int:
+        """Bytes this block holds (from its offset) during the steps it shares with `other`."""
+        return self.top if self.grow and self.grow_at < min(self.end, other.end) else self.size
 
     @property
     def is_trivial(self) -> bool:
         """True when the block needs no memory at any time (size 0 or empty lifetime)."""
-        return self.size == 0 or self.start == self.end
+        return self.top == 0 or self.start == self.end
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -203,7 +224,9 @@ def lower_bound(blocks: Iterable[Block]) -> int:
     for block in blocks:
         if not block.is_trivial:
             events.append((block.start, block.size))
-            events.append((block.end, -block.size))
+            events.append((block.end, -block.top))
+            if block.grow:
+                events.append((block.grow_at, block.grow))
     events.sort()  # at equal steps the ends (negative) come first: lifetimes are half-open
     live = best = 0
     for _, delta in events:
@@ -220,7 +243,7 @@ def greedy_offsets(blocks: Sequence[Block]) -> dict[BlockId, int]:
     """
     order = sorted(
         range(len(blocks)),
-        key=lambda i: (-blocks[i].size, -(blocks[i].end - blocks[i].start), blocks[i].start, i),
+        key=lambda i: (-blocks[i].top, -(blocks[i].end - blocks[i].start), blocks[i].start, i),
     )
     offsets: dict[BlockId, int] = {}
     placed: list[Block] = []
@@ -235,15 +258,18 @@ def greedy_offsets(blocks: Sequence[Block]) -> dict[BlockId, int]:
 
 
 def lowest_fit(block: Block, placed: list[Block], offsets: dict[BlockId, int]) -> int:
-    """Lowest offset where `block` fits between the placed blocks live at the same time."""
-    busy = sorted(
-        (offsets[other.id], offsets[other.id] + other.size)
+    """Lowest offset where `block` fits between the placed blocks live at the same time.
+
+    Each such block forbids the offsets in (its offset - what `block` holds while both live,
+    its offset + what it holds then); the answer is the lowest offset >= 0 none forbids."""
+    forbidden = sorted(
+        (offsets[other.id] - block.reach(other), offsets[other.id] + other.reach(block))
         for other in placed
         if lifetimes_overlap(block, other)
     )
     candidate = 0
-    for low, high in busy:
-        if low >= candidate + block.size:
+    for low, high in forbidden:
+        if low >= candidate:
             break
         candidate = max(candidate, high)
     return candidate
@@ -251,7 +277,7 @@ def lowest_fit(block: Block, placed: list[Block], offsets: dict[BlockId, int]) -
 
 def peak_of(blocks: Iterable[Block], offsets: dict[BlockId, int]) -> int:
     """Arena size the offsets need: max of offset + size (0 when there are no blocks)."""
-    return max((offsets[b.id] + b.size for b in blocks), default=0)
+    return max((offsets[b.id] + b.top for b in blocks), default=0)
 
 
 def solve_greedy(blocks: Sequence[Block]) -> Placement:
@@ -271,7 +297,7 @@ def solve_greedy(blocks: Sequence[Block]) -> Placement:
     offsets = greedy_offsets(blocks)
     peak = peak_of(blocks, offsets)
     bound = lower_bound(blocks)
-    floor = max([bound] + [b.size for b in blocks])  # blocks never live still fit under the peak
+    floor = max([bound] + [b.top for b in blocks])  # blocks never live still fit under the peak
     gap = (peak - floor) / peak if peak else 0.0
     return Placement(
         offsets=offsets,

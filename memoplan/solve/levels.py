@@ -12,7 +12,11 @@ with, per layer i: ``fwd[i]`` (level-1 forward peak, its forward step), ``hidden
 (its input, the output of layer i-1, from the step that makes it until its copy is done during
 forward i+1, or until backward i for layers kept or checkpointed), ``round[i]`` (its saved tensors other than the input, a rounding
 buffer: until its copy is done during forward i+1, or until backward i for kept layers),
-``prefetch[i]`` (its saved tensors brought back during backward i+1, until backward i ends),
+``prefetch[i]`` (what comes back from the host during backward i+1, until backward i ends:
+the tensors copied whole, and the full buffers of split tensors whose tokens are not outermost
+in memory), ``split[i]:NAME`` for every other split tensor (a growing block: its copied tokens
+from backward i+1 on, its recomputed tokens right after them from backward i on, so while layer
+i+1 runs its backward layer i holds only what comes back from the host),
 ``recompute[i]`` (the workspace for recomputing its dropped tokens), ``bwd[i]`` (level-1
 backward peak) and ``grad[i]`` (the gradient of its input, until backward i-1 is done).
 
@@ -32,7 +36,8 @@ from memoplan.ir import LayerDecision, LevelPlan, Profile
 from memoplan.solve.caching_sim import simulate_caching_allocator
 from memoplan.solve.check import check_placement
 from memoplan.solve.config import SolveConfig
-from memoplan.solve.dsa import Block, blocks_from_requests, lower_bound, solve_greedy
+from memoplan.solve.dsa import (Block, Placement, blocks_from_requests, lower_bound, peak_of,
+                                solve_greedy)
 from memoplan.solve.mip_dsa import solve_mip
 from memoplan.solve.swap import LayerBytes, per_gpu_bytes
 
@@ -58,19 +63,23 @@ def blocks_to_requests(blocks: Sequence[Block]) -> list[tuple[str, int | str, in
     for b in blocks:
         if b.is_trivial:
             continue
-        events.append((b.start, 1, "malloc", b.id, b.size))
-        events.append((b.end, 0, "free", b.id, b.size))
+        # a caching allocator cannot grow a tensor in place: it holds the whole from the start
+        events.append((b.start, 1, "malloc", b.id, b.top))
+        events.append((b.end, 0, "free", b.id, b.top))
     events.sort(key=lambda e: (e[0], e[1]))
     return [(op, i, size) for _, _, op, i, size in events]
 
 
 def solve_level(blocks: list[Block], *, time_limit: float, unit: int, name: str,
-                kinds: dict[str, str], progress: Progress) -> LevelPlan:
-    """MIP placement of ``blocks`` with its checks and baselines."""
+                kinds: dict[str, str], progress: Progress,
+                warm: Placement | None = None) -> LevelPlan:
+    """MIP placement of ``blocks`` with its checks and baselines; the search starts from the
+    better of greedy-by-size and ``warm``."""
     live = [b for b in blocks if not b.is_trivial]
     progress(f"solving {name} ({len(live)} tensors)")
     greedy = solve_greedy(live)
-    placement = solve_mip(live, time_limit=time_limit, warm_start=greedy, unit=unit,
+    start = warm if warm is not None and warm.peak < greedy.peak else greedy
+    placement = solve_mip(live, time_limit=time_limit, warm_start=start, unit=unit,
                           on_progress=lambda best, bound: progress(
                               f"solving {name}: best {best / 2**20:.1f} MiB, bound "
                               f"{bound / 2**20:.1f} MiB"))
@@ -79,6 +88,7 @@ def solve_level(blocks: list[Block], *, time_limit: float, unit: int, name: str,
     offsets = {str(b.id): placement.offsets[b.id] for b in live}
     return LevelPlan(offsets=offsets, sizes={str(b.id): b.size for b in live},
                      lifetimes={str(b.id): (b.start, b.end) for b in live},
+                     grows={str(b.id): (b.grow, b.grow_at) for b in live if b.grow},
                      kinds={str(b.id): kinds.get(str(b.id), "transient") for b in live},
                      peak=placement.peak,
                      lower_bound=lower_bound(live), greedy_peak=greedy.peak,
@@ -121,6 +131,26 @@ def level2_blocks(layers: Sequence[LayerDecision], lb: LayerBytes, fwd_peak: int
         blocks.append(Block(id=f"{name}[{i}]", size=int(math.ceil(size / align) * align),
                             start=first, end=last + 1))
 
+    def add_split(i: int, alpha: float, first: int) -> int:
+        """Growing blocks of layer i's split tensors whose tokens are outermost; the bytes
+        of the others (their full buffers come back with the prefetch)."""
+        rest = 0
+        for t in lb.splits:
+            if not t.outer:
+                rest += t.nbytes
+                continue
+            head = t.head(alpha, align)
+            tail = t.nbytes - head
+            name = f"split[{i}]:{t.name}"
+            if head and tail:
+                blocks.append(Block(id=name, size=head, start=first, end=B(i) + 1,
+                                    grow=tail, grow_at=B(i)))
+            elif head:
+                blocks.append(Block(id=name, size=head, start=first, end=B(i) + 1))
+            else:
+                blocks.append(Block(id=name, size=tail, start=B(i), end=B(i) + 1))
+        return rest
+
     for d in layers:
         i = d.index
         made = F(i) - 1  # the step that produces layer i's input (embedding or forward i-1)
@@ -132,7 +162,8 @@ def level2_blocks(layers: Sequence[LayerDecision], lb: LayerBytes, fwd_peak: int
             add("hidden", i, lb.input, made, copied_by)
             add("round", i, skeletal_rest, F(i), copied_by)
             prefetch_from = B(i + 1) if i + 1 < n else H
-            add("prefetch", i, lb.total, prefetch_from, B(i))
+            rest = add_split(i, d.alpha, prefetch_from) if lb.splits else lb.token_wise
+            add("prefetch", i, lb.always + rest, prefetch_from, B(i))
             add("recompute", i, int((1.0 - d.alpha) * fwd_peak), B(i), B(i))
         elif d.mode == "keep":
             add("hidden", i, lb.input, made, B(i))
@@ -149,9 +180,51 @@ def level2(layers: Sequence[LayerDecision], lb: LayerBytes, fwd: LevelPlan, bwd:
     blocks = level2_blocks(layers, lb, fwd.peak, bwd.peak, cfg.align)
     kinds = {str(b.id): LEVEL2_KINDS[str(b.id).split("[")[0]] for b in blocks}
     return solve_level(blocks, time_limit=cfg.time_limit, unit=cfg.align, name="level 2 iteration",
-                       kinds=kinds, progress=progress)
+                       kinds=kinds, progress=progress, warm=stacked_splits(blocks))
+
+
+def stacked_splits(blocks: list[Block]) -> Placement | None:
+    """A valid placement where each layer's split blocks sit whole, one after the other, right
+    above its prefetch block: greedy-by-size on the blocks with each layer's prefetch and split
+    blocks merged into one (what the schedule was before split tensors' recomputed tokens came
+    late). Greedy-by-size on many small growing blocks can fragment badly; this start keeps the
+    plan from ever being worse than that schedule. None when there are no split blocks."""
+    live = [b for b in blocks if not b.is_trivial]
+    splits: dict[str, list[Block]] = {}
+    for b in live:
+        if str(b.id).startswith("split["):
+            splits.setdefault(f"prefetch[{str(b.id)[6:].split(']')[0]}]", []).append(b)
+    if not splits:
+        return None
+    by_id = {b.id: b for b in live}
+    merged = []
+    for b in live:
+        if str(b.id).startswith("split["):
+            continue
+        parts = splits.get(str(b.id), [])
+        if parts:
+            b = Block(id=b.id, size=b.size + sum(p.top for p in parts),
+                      start=min([b.start] + [p.start for p in parts]),
+                      end=max([b.end] + [p.end for p in parts]))
+        merged.append(b)
+    for name in splits:  # a layer whose prefetch block is empty (everything split)
+        if name not in by_id:
+            parts = splits[name]
+            merged.append(Block(id=name, size=sum(p.top for p in parts),
+                                start=min(p.start for p in parts), end=max(p.end for p in parts)))
+    base = solve_greedy(merged)
+    offsets = {b.id: base.offsets[b.id] for b in merged if b.id in by_id}
+    for name, parts in splits.items():
+        at = base.offsets[name] + (by_id[name].size if name in by_id else 0)
+        for p in parts:
+            offsets[p.id] = at
+            at += p.top
+    for b in blocks:
+        offsets.setdefault(b.id, 0)
+    return Placement(offsets=offsets, peak=peak_of(live, offsets), lower_bound=lower_bound(live),
+                     method="stacked", status="feasible", gap=0.0, seconds=base.seconds)
 
 
 LEVEL2_KINDS = {"fwd": "transient", "bwd": "transient", "grad": "grad",
                 "hidden": "input", "round": "rounding", "prefetch": "prefetch",
-                "recompute": "recompute"}
+                "split": "split", "recompute": "recompute"}

@@ -161,18 +161,19 @@ def _gcd_unit(blocks: Sequence[Block]) -> int:
 def _problem(blocks: list[Block], unit: int) -> _Problem:
     """Scale sizes to units (rounding up) and find the universal and identical blocks."""
     scaled = [
-        Block(id=b.id, size=-(-b.size // unit), start=b.start, end=b.end) for b in blocks
+        Block(id=b.id, size=-(-b.size // unit), start=b.start, end=b.end,
+              grow=-(-b.grow // unit), grow_at=b.grow_at) for b in blocks
     ]
     active = [i for i, b in enumerate(scaled) if not b.is_trivial]
-    universal = _universal(scaled, active)
+    universal = [i for i in _universal(scaled, active) if not scaled[i].grow]
     pinned = set(universal)
     by_key: dict[tuple[int, int, int], list[int]] = {}
     for i in active:
-        if i not in pinned:
+        if i not in pinned and not scaled[i].grow:
             b = scaled[i]
             by_key.setdefault((b.size, b.start, b.end), []).append(i)
     groups = [members for members in by_key.values() if len(members) > 1]
-    bound = max([lower_bound(scaled)] + [b.size for b in scaled])  # every block fits under M
+    bound = max([lower_bound(scaled)] + [b.top for b in scaled])  # every block fits under M
     return _Problem(
         blocks=scaled,
         unit=unit,
@@ -255,9 +256,10 @@ def _first_clash(blocks: list[Block], offsets: dict[BlockId, int]) -> tuple | No
     live: list[Block] = []
     for block in order:
         live = [other for other in live if other.end > block.start]
-        low, high = offsets[block.id], offsets[block.id] + block.size
+        low = offsets[block.id]
         for other in live:
-            if max(low, offsets[other.id]) < min(high, offsets[other.id] + other.size):
+            if max(low, offsets[other.id]) < min(low + block.reach(other),
+                                                 offsets[other.id] + other.reach(block)):
                 return other.id, block.id
         live.append(block)
     return None
@@ -358,7 +360,7 @@ def _add_offsets(model: mip.Model, problem: _Problem, start: _Start) -> dict[Blo
             f"offset[{problem.names[block.id]}]",
             var_type=mip.INTEGER,
             lb=problem.floor,
-            ub=start.peak - block.size,
+            ub=start.peak - block.top,
         )
     return offsets
 
@@ -370,7 +372,7 @@ def _add_peak(
     for i in _free_blocks(problem):
         block = problem.blocks[i]
         model.add_constr(
-            mip.LinExpr([offsets[block.id], peak], [1, -1]) <= -block.size,
+            mip.LinExpr([offsets[block.id], peak], [1, -1]) <= -block.top,
             name=f"peak[{problem.names[block.id]}]",
         )
 
@@ -437,18 +439,18 @@ def _add_pair(
     a_var, b_var = offsets[a.id], offsets[b.id]
     z = model.add_var(f"below[{name_a},{name_b}]", var_type=mip.BINARY)
     model.add_constr(
-        mip.LinExpr([a_var, b_var, z], [1, -1, big_m]) <= big_m - a.size,
+        mip.LinExpr([a_var, b_var, z], [1, -1, big_m]) <= big_m - a.reach(b),
         name=f"nooverlap[{name_a},{name_b}]",
     )
     if not split:
         model.add_constr(
-            mip.LinExpr([b_var, a_var, z], [1, -1, -big_m]) <= -b.size,
+            mip.LinExpr([b_var, a_var, z], [1, -1, -big_m]) <= -b.reach(a),
             name=f"nooverlap[{name_b},{name_a}]",
         )
         return {(i, j): z}
     z_back = model.add_var(f"below[{name_b},{name_a}]", var_type=mip.BINARY)
     model.add_constr(
-        mip.LinExpr([b_var, a_var, z_back], [1, -1, big_m]) <= big_m - b.size,
+        mip.LinExpr([b_var, a_var, z_back], [1, -1, big_m]) <= big_m - b.reach(a),
         name=f"nooverlap[{name_b},{name_a}]",
     )
     model.add_constr(mip.LinExpr([z, z_back], [1, 1]) == 1, name=f"order[{name_a},{name_b}]")
@@ -478,7 +480,7 @@ def _start_values(
     values.append((peak, start.peak))
     for (i, j), z in below.items():
         a, b = problem.blocks[i], problem.blocks[j]
-        values.append((z, 1 if start.offsets[a.id] + a.size <= start.offsets[b.id] else 0))
+        values.append((z, 1 if start.offsets[a.id] + a.reach(b) <= start.offsets[b.id] else 0))
     return values
 
 
@@ -525,7 +527,7 @@ def _fallback(blocks: list[Block], problem: _Problem, start: _Start, began: floa
 
 def _peak_bytes(blocks: list[Block], offsets: dict[BlockId, int], unit: int) -> int:
     """Arena bytes the plan needs: max of offset + size in bytes."""
-    return max((offsets[b.id] * unit + b.size for b in blocks), default=0)
+    return max((offsets[b.id] * unit + b.top for b in blocks), default=0)
 
 
 def _placement(

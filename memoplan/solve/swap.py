@@ -27,6 +27,24 @@ from memoplan.units import fmt_bytes
 
 
 @dataclass(frozen=True, kw_only=True)
+class SplitTensor:
+    """A token-wise saved tensor of one layer on one GPU: ``nbytes`` (aligned) over ``tokens``;
+    ``outer``: its tokens are outermost in memory, so its copied tokens form a prefix of its
+    buffer and can come back a layer before the recomputed ones (``solve.levels``)."""
+
+    name: str
+    nbytes: int
+    tokens: int
+    row: float        # exact bytes per token
+    outer: bool
+
+    def head(self, alpha: float, align: int) -> int:
+        """Bytes of its first ``int(alpha * tokens)`` tokens (what the runtime copies), aligned."""
+        exact = int(alpha * self.tokens) * self.row
+        return min(self.nbytes, int(math.ceil(exact / align) * align))
+
+
+@dataclass(frozen=True, kw_only=True)
 class LayerBytes:
     """Saved bytes of one layer on one GPU at the target length, by how they are handled."""
 
@@ -35,6 +53,7 @@ class LayerBytes:
     fixed: int        # other saved tensors that are not token-wise: copied whole
     token_wise: int   # split by alpha
     shared: int       # shared layer arguments (e.g. RoPE tables): once per GPU, kept
+    splits: tuple[SplitTensor, ...] = ()  # the token-wise tensors, one by one
 
     @property
     def always(self) -> int:
@@ -53,11 +72,18 @@ def per_gpu_bytes(law_value: float, cfg: SolveConfig) -> int:
 
 def layer_bytes(profile: Profile, cfg: SolveConfig) -> LayerBytes:
     sums = {"input": 0, "mixing": 0, "fixed": 0, "token_wise": 0, "shared": 0}
+    splits = []
     for t in profile.layer.saved:
         key = {"input": "input", "mixing_output": "mixing", "shared": "shared"}.get(
             t.kind, "token_wise" if t.token_wise else "fixed")
-        sums[key] += per_gpu_bytes(t.law.at(cfg.seq), cfg)
-    return LayerBytes(**sums)
+        nbytes = per_gpu_bytes(t.law.at(cfg.seq), cfg)
+        sums[key] += nbytes
+        if key == "token_wise":
+            tokens = cfg.tokens_per_gpu
+            splits.append(SplitTensor(name=t.name, nbytes=nbytes, tokens=tokens,
+                                      row=max(0.0, t.law.at(cfg.seq)) / cfg.split / tokens,
+                                      outer=t.token_outer and t.seq_axis is not None))
+    return LayerBytes(**sums, splits=tuple(splits))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -139,7 +165,9 @@ def decide_swaps(profile: Profile, cfg: SolveConfig) -> SwapDecision:
                                         recomputed_bytes=lb.total - lb.input, host_bytes=0,
                                         gpu_kept_bytes=lb.input))
         else:
-            swapped = lb.always + int(math.floor(alpha * lb.token_wise))
+            heads = (sum(t.head(alpha, cfg.align) for t in lb.splits) if lb.splits
+                     else int(math.floor(alpha * lb.token_wise)))
+            swapped = lb.always + heads  # what the runtime copies out (buffers aligned)
             layers.append(LayerDecision(index=i, mode="offload", alpha=alpha, swapped_bytes=swapped,
                                         recomputed_bytes=lb.total - swapped, host_bytes=swapped,
                                         gpu_kept_bytes=0))

@@ -30,6 +30,7 @@ from memoplan.trace.laws import fit_law
 from memoplan.trace.layers import capture_layer_call, find_repeated_layer
 from memoplan.trace.head import head_phase_bytes
 from memoplan.trace.loader import build, load_model_file
+from memoplan.trace.recompute import tokens_outermost
 from memoplan.trace.requests import allocation_requests, peak_live_bytes
 
 MIN_SEQ = 32
@@ -112,6 +113,7 @@ def profile_model(cfg: ProfileConfig, *, progress: Callable[[str], None] = lambd
             shape=tuple(value.shape) if value is not None else (),
             dtype=str(value.dtype).removeprefix("torch.") if value is not None else "",
             seq_axis=ax[0] if len(ax) == 1 else None, bytes=s.nbytes,
+            token_outer=value is not None and len(ax) == 1 and tokens_outermost(value, ax[0]),
             bytes_per_token=law.per_token, law=law, segment=member.get(name),
             autograd_saved=s.autograd_saved))
     tensors = []

@@ -26,6 +26,18 @@ def dim_order(t: torch.Tensor) -> list[int]:
     return sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))
 
 
+def tokens_outermost(t: torch.Tensor, axis: int | None) -> bool:
+    """Whether ``t`` is dense from the start of its storage with its token axis outermost in
+    memory (size-1 dims aside): then its first k tokens are a prefix of its buffer."""
+    if axis is None or t.storage_offset() != 0:
+        return False
+    order = dim_order(t)
+    if not t.permute(order).is_contiguous():
+        return False
+    outer = [d for d in order if t.shape[d] > 1]
+    return bool(outer) and outer[0] == axis
+
+
 def select_tokens(v: torch.Tensor, axis: int, tokens: torch.Tensor | range) -> torch.Tensor:
     """``v.index_select(axis, tokens)`` laid out in memory in the same dimension order as ``v``,
     so that the views the graph takes of it (transpose then view) stay valid. A ``range`` of
