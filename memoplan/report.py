@@ -95,7 +95,7 @@ def plan_summary(plan: Plan) -> Group:
     tail = Table.grid(padding=(0, 2))
     tail.add_row("arena", f"{fmt_bytes(plan.arena_bytes)} + model states "
                           f"{fmt_bytes(plan.state_bytes)} + outside the arena (embedding output, "
-                          f"logits, loss) {fmt_bytes(plan.pool_bytes)}; host memory "
+                          f"logits, loss, kernel workspaces) {fmt_bytes(plan.pool_bytes)}; host memory "
                           f"{fmt_bytes(host_total)} per GPU")
     tail.add_row("layer", f"forward {fmt_seconds(p.forward_s)}, backward "
                           f"{fmt_seconds(p.backward_s)}, copy {fmt_seconds(p.copy_s)}")

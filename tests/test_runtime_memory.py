@@ -191,16 +191,24 @@ class FakePlanner:
         return {"planned": 0}
 
 
-def test_the_runtime_drives_the_planned_allocator_phases():
+def test_the_runtime_drives_the_planned_allocator_phases(monkeypatch):
     from memoplan import runtime
     from memoplan.runtime import allocator
+    apply_module = importlib.import_module("memoplan.runtime.apply")
 
     prof, plan, model, layer, args, kwargs = _one_layer("llama")
     runner = model._memoplan_runner
     runner.arena = Arena.for_plan(plan, torch.device("cpu"))
     fake = runner.arena.planner = FakePlanner()
+    # library workspaces (cuBLAS) are made once per thread and stream, before its first phase
+    monkeypatch.setattr(apply_module, "warm_libraries",
+                        lambda device: fake.calls.append(("warm", device.type)))
     inputs = _llama_inputs()
     model(*inputs).float().pow(2).mean().backward()
+    warm = [i for i, c in enumerate(fake.calls) if c[0] == "warm"]
+    assert warm and warm[0] == 1 and all(fake.calls[i + 1][0] == "begin" for i in warm)
+    assert len(warm) == len(runner.warmed) <= 2  # the main thread, maybe autograd's
+    fake.calls = [c for c in fake.calls if c[0] != "warm"]
     n = len(plan.layers)
     mallocs = {ph: sum(r[0] == "malloc" for r in plan.layer["requests"][ph])
                for ph in ("forward", "backward")}

@@ -16,7 +16,7 @@ from memoplan.ir import Plan, Profile
 from memoplan.solve import SolveConfig, solve_plan
 from memoplan.solve.check import check_placement
 from memoplan.solve.dsa import Block
-from memoplan.solve.levels import level1_requests, level2_blocks
+from memoplan.solve.levels import CUBLAS_WORKSPACE, level1_requests, level2_blocks
 from memoplan.solve.swap import decide_swaps, layer_times
 from memoplan.trace import ProfileConfig, profile_model
 
@@ -192,6 +192,12 @@ def test_plan_budgets_what_lies_outside_the_arena(tiny):
     lb = decide_swaps(tiny, _cfg(64 * 1024)).bytes
     head = tiny.model.head_bytes_per_token * 64 * 1024
     assert plan.pool_bytes >= head + lb.input > 0
+    parts = plan.solver["pool_parts"]
+    assert sum(parts.values()) == plan.pool_bytes
+    # kernel workspaces: flash attention backward's fp32 dq accumulator (4 bytes per element of
+    # the attention output, which is 64 wide in fp32 at 64K tokens here) and two cuBLAS ones
+    attn_out = 64 * 1024 * 64 * 4
+    assert parts["workspaces"] >= 4 * attn_out // 4 + 2 * CUBLAS_WORKSPACE
     assert plan.predicted.gpu_bytes["plan"] == (plan.arena_bytes + plan.state_bytes + lb.shared
                                                 + plan.pool_bytes)
     # the fit check counts it: a GPU that holds the arena and states but not the pool is refused

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import threading
 from collections import OrderedDict
 import types
 import warnings
@@ -76,6 +77,7 @@ class _Runner:
         self.pending: dict[int, weakref.ref[LayerState]] = {}
         self.prefetched_ahead = 0  # layers whose data was prefetched during the next backward
         self.host_bytes = 0   # host copies made so far (summed over layer calls)
+        self.warmed: set[tuple[int, int, int]] = set()  # (thread, device, stream): see phase
 
     def arena_on(self, device: torch.device) -> Arena:
         """The plan's arena on ``device`` (an empty one, every buffer allocated normally, when
@@ -111,6 +113,10 @@ class _Runner:
         if device.type == "cuda":
             current = torch.cuda.current_stream(device)
             stream, where = current.cuda_stream, current.device_index
+        key = (threading.get_ident(), where, stream)
+        if key not in self.warmed:  # before this thread's first phase on this stream
+            self.warmed.add(key)
+            warm_libraries(device)
         planner.begin(stream, self.slots[phase, index],
                       align=int(self.plan.config.get("align", 512)),
                       block=allocator.phase_block(self.plan, phase, index), device=where)
@@ -118,6 +124,21 @@ class _Runner:
             yield
         finally:
             planner.end()
+
+
+def warm_libraries(device: torch.device) -> None:
+    """Make the workspaces that libraries keep for the life of the process, outside any
+    planned phase. cuBLAS and cuBLASLt allocate one per (thread's handle, stream) at their first
+    matmul there, through the installed allocator, and never free it: made inside a phase it
+    would take a planned slot or a recompute block for good, and every later phase over those
+    addresses would fall back to the pool."""
+    if device.type != "cuda":
+        return
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            a = torch.ones(16, 16, device=device, dtype=dtype)
+            torch.mm(a, a)
+            torch.addmm(a[0], a, a)  # the Lt path (bias epilogue) has a workspace of its own
 
 
 def stats(model: torch.nn.Module) -> dict[str, Any]:

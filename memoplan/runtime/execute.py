@@ -70,6 +70,7 @@ class LayerState:
         self.full: dict[str, torch.Tensor] = {}        # split creator -> its buffer for backward
         self.lease: Lease | None = None                # the prefetch block (whole copies)
         self.split_lease: dict[str, Lease] = {}        # split creator -> its growing block
+        self.rng: torch.Tensor | None = None           # generator state the forward began with
 
 
 def forward_layer(prog: LayerProgram, mode: str, alpha: float, copier: Copier, index: int,
@@ -83,10 +84,14 @@ def forward_layer(prog: LayerProgram, mode: str, alpha: float, copier: Copier, i
     env: dict[str, Any] = {}
     _bind_placeholders(prog, env, params, inputs)
     device = inputs[0].device
+    # a re-run of the whole forward in backward must draw the same random numbers (dropout
+    # masks, philox seeds): keep the generator's state it starts from, as checkpoint does
+    rng = _rng_state(device) if mode == "recompute" and prog.random else None
     with torch.no_grad(), _no_autocast(device):
         _run(prog.forward_nodes, env, prog.drop_forward)
     outputs = [env[n.name] for n in _output_nodes(prog)[: prog.num_outputs]]
     state = LayerState(index)
+    state.rng = rng
     key = str(index)
     for name, p in zip((p.name for p in prog.placeholders), _placeholder_values(prog, params, inputs)):
         if prog.roles[name] == "shared":
@@ -126,6 +131,26 @@ def forward_layer(prog: LayerProgram, mode: str, alpha: float, copier: Copier, i
         copier.wait_copies(index)  # the copies read these tensors: fill them once they are done
         _poison(prog, env, outputs, state)
     return outputs, state
+
+
+def _rng_state(device: torch.device) -> torch.Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+@contextlib.contextmanager
+def _replayed_rng(device: torch.device, saved: torch.Tensor | None) -> Any:
+    """Run with the generator at ``saved`` (the forward's start), then put it back where the
+    training loop left it; nothing to do for a graph without random ops (``saved`` None)."""
+    if saved is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [],
+                               device_type=device.type):
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(saved, device)
+        else:
+            torch.set_rng_state(saved)
+        yield
 
 
 def _state_gone(kept: dict[str, Any], copier: Copier) -> None:
@@ -260,7 +285,8 @@ def backward_layer(prog: LayerProgram, mode: str, state: LayerState, copier: Cop
     with torch.no_grad(), _no_autocast(device):
         with planned("recompute"):
             if mode == "recompute":
-                _run(prog.forward_nodes, env, prog.drop_refold)
+                with _replayed_rng(device, state.rng):
+                    _run(prog.forward_nodes, env, prog.drop_refold)
             _rebuild_splits(prog, state, env, copier)
             _materialise_reads(prog, env)
         with planned("backward"):

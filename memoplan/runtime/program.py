@@ -52,6 +52,7 @@ class LayerProgram:
     node: dict[str, fx.Node] = field(default_factory=dict)
     recompute_order: dict[str, list[str]] = field(default_factory=dict)
     whole_instead: list[str] = field(default_factory=list)  # token-wise, but not at this shape
+    random: bool = False                   # the forward draws random numbers (dropout)
     # node name -> values to drop once it has run (each value right after its last use)
     drop_forward: dict[str, list[str]] = field(default_factory=dict)
     drop_refold: dict[str, list[str]] = field(default_factory=dict)   # forward re-run in backward
@@ -124,6 +125,8 @@ def build_program(layer: torch.nn.Module, args: tuple, kwargs: dict, plan_layer:
                         grad_input_pos=grad_pos,
                         node={n.name: n for n in tr.gm.graph.nodes})
     _order_recomputation(prog)
+    prog.random = any(torch.Tag.nondeterministic_seeded in getattr(n.target, "tags", ())
+                      for n in tr.forward_nodes)
     out = pytree.tree_leaves(next(n for n in tr.gm.graph.nodes if n.op == "output").args[0])
     prog.input_grad_names = [n.name for n in out[tr.num_outputs:tr.num_outputs + len(grad_pos)]
                              if isinstance(n, fx.Node)]

@@ -32,6 +32,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import torch
+
 from memoplan.ir import LayerDecision, LevelPlan, Profile
 from memoplan.solve.caching_sim import simulate_caching_allocator
 from memoplan.solve.check import check_placement
@@ -108,11 +110,42 @@ def head_bytes(profile: Profile, cfg: SolveConfig) -> int:
     return per_gpu_bytes(profile.model.head_bytes_per_token * cfg.seq, cfg)
 
 
+CUBLAS_WORKSPACE = (32 << 20) + (1 << 20)  # cuBLAS (sm90: 4096*8 KiB) + cuBLASLt, per stream
+
+
+def workspace_bytes(profile: Profile, cfg: SolveConfig) -> int:
+    """Kernel workspaces a fake-tensor trace cannot see, on one GPU, from documented formulas:
+
+    - flash attention's backward (``mha_bwd`` in PyTorch's ``flash_api.cpp``) accumulates dq in
+      float32 (``dq_accum``: the query's shape, its token and head dims rounded up, 4 bytes
+      each) beside ``softmax_d`` (float32, one per query row): about 4 bytes per element of the
+      attention output, plus 4 per row, for each attention op of a layer (one layer's backward
+      at a time);
+    - cuBLAS and cuBLASLt keep one workspace per (thread, stream) for the whole process: the
+      training thread and autograd's device thread.
+    """
+    attention = 0
+    for t in profile.layer.saved:
+        if t.kind == "mixing_output" and "attention" in t.producer and t.producer.endswith("[0]") \
+                and len(t.shape) >= 3 and t.dtype:
+            elems = per_gpu_bytes(t.law.at(cfg.seq), cfg) / torch.empty(
+                0, dtype=getattr(torch, t.dtype)).element_size()
+            rows = elems / t.shape[-1]
+            attention += int(4 * elems + 4 * rows)
+    return attention + 2 * CUBLAS_WORKSPACE
+
+
+def pool_parts(profile: Profile, cfg: SolveConfig, lb: LayerBytes) -> dict[str, int]:
+    """What the run allocates outside the arena, from PyTorch's allocator, on top of it, by
+    part (all counted as live together: an upper bound): what the model's own code holds
+    outside the layers up to the head phase (``head_bytes``: logits, their loss copy and
+    gradients), the embedding's output (layer 0's input), and kernel workspaces."""
+    return {"head": head_bytes(profile, cfg), "embedding_output": lb.input,
+            "workspaces": workspace_bytes(profile, cfg)}
+
+
 def pool_bytes(profile: Profile, cfg: SolveConfig, lb: LayerBytes) -> int:
-    """What the run allocates outside the arena, from PyTorch's allocator, on top of it: the
-    head's logits, their fp32 loss copy and gradient (``head_bytes``), and the embedding's
-    output (layer 0's input), counted as live together (an upper bound)."""
-    return head_bytes(profile, cfg) + lb.input
+    return sum(pool_parts(profile, cfg, lb).values())
 
 
 def level2_blocks(layers: Sequence[LayerDecision], lb: LayerBytes, fwd_peak: int, bwd_peak: int,

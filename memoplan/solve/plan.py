@@ -9,7 +9,7 @@ from memoplan.errors import InfeasibleError
 from memoplan.ir import Plan, Prediction, Profile
 from memoplan.solve.config import SolveConfig
 from memoplan.solve.dsa import solve_greedy
-from memoplan.solve.levels import head_bytes, level1, level2, level2_blocks, pool_bytes
+from memoplan.solve.levels import head_bytes, level1, level2, level2_blocks, pool_bytes, pool_parts
 from memoplan.solve.mip_dsa import MIP_MISSING
 from memoplan.solve.swap import decide_swaps, per_gpu_bytes, predict
 from memoplan.units import fmt_bytes
@@ -39,14 +39,16 @@ def solve_plan(profile: Profile, cfg: SolveConfig, *,
     it = level2(decision.layers, decision.bytes, fwd, bwd, cfg, progress)
     states = state_bytes_per_gpu(profile, cfg)
     lb = decision.bytes
-    pool = pool_bytes(profile, cfg, lb)
+    parts = pool_parts(profile, cfg, lb)
+    pool = sum(parts.values())
     gpu_mem = cfg.hardware.gpu_mem_gb * 2**30
     need = it.peak + states + lb.shared + pool
     if need > gpu_mem:
         raise InfeasibleError(
             f"The plan does not fit: {fmt_bytes(need)} per GPU (arena {fmt_bytes(it.peak)} + "
             f"model states {fmt_bytes(states)} + shared inputs {fmt_bytes(lb.shared)} + "
-            f"embedding output, logits and loss outside the arena {fmt_bytes(pool)}) > "
+            f"outside the arena {fmt_bytes(pool)}: " + ", ".join(
+                f"{k.replace('_', ' ')} {fmt_bytes(v)}" for k, v in parts.items()) + ") > "
             f"{fmt_bytes(gpu_mem)} of GPU memory at {cfg.seq} tokens over {cfg.split} GPUs "
             f"({cfg.tokens_per_gpu} tokens each). Use more GPUs (--gpus), a shorter --seq, or "
             f"fewer optimizer bytes per parameter (--state-bytes-per-param)."
@@ -90,7 +92,8 @@ def solve_plan(profile: Profile, cfg: SolveConfig, *,
                 "seconds": fwd.seconds + bwd.seconds + it.seconds,
                 "fallback_used": any(s == "greedy-fallback" for s in statuses.values()),
                 "alpha_forced": decision.forced, "alpha_pcie": decision.alpha_pcie,
-                "alpha_host": decision.alpha_host, "host_fallback": decision.fallback},
+                "alpha_host": decision.alpha_host, "host_fallback": decision.fallback,
+                "pool_parts": parts},
         layer=runtime_layer(profile, cfg), notes=tuple(notes))
 
 
