@@ -379,3 +379,27 @@ def test_a_call_whose_backward_never_runs_gives_back_its_block_and_host_buffers(
     model(*inputs).float().pow(2).mean().backward()
     assert runner.copier.host_buffer_bytes == made and runner.copier.extra_bytes == 0
     assert runner.arena.misses == misses
+
+
+def test_prepare_makes_the_host_slab_before_the_first_step():
+    """prepare(model, seq_len) sizes (on a GPU: pins) the host slab up front, so the first
+    timed step pays nothing for it: steps at that length or shorter make no other buffer."""
+    from memoplan import runtime
+
+    prof, plan, model, layer, args, kwargs = _one_layer("gpt")
+    spec = importlib.util.spec_from_file_location("mem_gpt4", EXAMPLES / "gpt" / "model.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    seconds = runtime.prepare(model, 2 * SEQ)
+    before = stats(model)
+    assert before["host_slab_bytes"] > 0 and before["pin_seconds"] == seconds >= 0
+    assert before["host_buffer_bytes"] == 0
+    for seq in (2 * SEQ, SEQ, 2 * SEQ - 3):
+        model(*mod.example_inputs(seq)).float().pow(2).mean().backward()
+        s = stats(model)
+        assert s["host_slab_bytes"] == before["host_slab_bytes"] and s["host_extra_bytes"] == 0
+    assert runtime.prepare(model) == seconds  # once made, the slab stays
+    # at the plan's own length it is exactly the plan's host bytes
+    prof, plan, model, layer, args, kwargs = _one_layer("gpt")
+    runtime.prepare(model)
+    assert stats(model)["host_slab_bytes"] == sum(l.host_bytes for l in plan.layers)

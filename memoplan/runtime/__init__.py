@@ -13,7 +13,7 @@ Depends on torch, the plan format and memoplan.trace's tracing helpers; never on
 """
 
 from memoplan.runtime.allocator import install_allocator, memory_stats, reset_peak_memory_stats
-from memoplan.runtime.apply import apply, load_plan, plan_from_text, stats
+from memoplan.runtime.apply import apply, load_plan, plan_from_text, prepare, stats
 
 __all__ = ["apply", "install_allocator", "load_plan", "memory_stats", "plan_from_text",
-           "reset_peak_memory_stats", "stats"]
+           "prepare", "reset_peak_memory_stats", "stats"]

@@ -36,7 +36,7 @@ from memoplan.runtime import allocator
 from memoplan.runtime.arena import Arena
 from memoplan.runtime.execute import LayerState, backward_layer, forward_layer, prefetch_layer
 from memoplan.runtime.program import LayerProgram, build_program
-from memoplan.runtime.streams import Copier, modified_in_place
+from memoplan.runtime.streams import ALIGN, Copier, modified_in_place
 from memoplan.signature import layer_signature
 
 PROGRAMS_KEPT = 8  # layer programs (one per input signature) kept per model; see _program
@@ -95,8 +95,15 @@ class _Runner:
     def phase(self, phase: str, index: int, device: torch.device,
               prog: LayerProgram) -> Iterator[None]:
         """Layer ``index``'s ``phase`` ("forward", "backward", or "recompute": rebuilding its
-        dropped tokens) replays the plan's addresses (with the planned allocator installed;
-        otherwise nothing happens)."""
+        dropped tokens), named ``memoplan:PHASE[i]`` in profiler traces, replays the plan's
+        addresses (with the planned allocator installed)."""
+        with torch.profiler.record_function(f"memoplan:{phase}[{index}]"):
+            with self._planned(phase, index, device, prog):
+                yield
+
+    @contextlib.contextmanager
+    def _planned(self, phase: str, index: int, device: torch.device,
+                 prog: LayerProgram) -> Iterator[None]:
         arena = self.arena_on(device)
         if arena.planner is not None:
             arena.start()  # may find another model's arena in use and drop the planner
@@ -126,6 +133,37 @@ class _Runner:
             planner.end()
 
 
+def prepare(model: torch.nn.Module, seq_len: int | None = None,
+            device: torch.device | str | None = None) -> float:
+    """Make (and on a GPU pin) the host slab now, for ``seq_len`` tokens per GPU (default: the
+    plan's), so that no timed step pays for it; returns the seconds it took (also
+    ``stats(model)["pin_seconds"]``). ``apply`` calls it for a model whose parameters are
+    on a GPU; on a CPU the slab is sized at the first offloaded layer call, for that call's
+    length. Once made, the slab stays: a longer sequence later gets buffers of its own."""
+    runner = _runner_of(model)
+    if not runner.copier.sized:
+        plan = runner.plan
+        planned = int(plan.config.get("tokens_per_gpu") or plan.config["seq"])
+        seq = seq_len or planned
+        copied = sum(t["kind"] != "shared" for t in plan.layer.get("saved", ()))
+        total = 0
+        for l in plan.layers:
+            if l.mode == "offload":  # host bytes scale with the tokens; each buffer aligned
+                total += l.host_bytes if seq == planned else \
+                    -(-l.host_bytes * seq // planned) + ALIGN * copied
+        if device is None:
+            device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        runner.copier.reserve_bytes(total, torch.device(device))
+    return runner.copier.pin_seconds
+
+
+def _runner_of(model: torch.nn.Module) -> _Runner:
+    runner = getattr(model, "_memoplan_runner", None)
+    if runner is None:
+        raise MemoplanError("This model was not wrapped by memoplan.runtime.apply().")
+    return runner
+
+
 def warm_libraries(device: torch.device) -> None:
     """Make the workspaces that libraries keep for the life of the process, outside any
     planned phase. cuBLAS and cuBLASLt allocate one per (thread's handle, stream) at their first
@@ -149,13 +187,11 @@ def stats(model: torch.nn.Module) -> dict[str, Any]:
     copied whole because they could not be recomputed by token at the run's shapes, arena
     views placed / fallen back, and the planned allocator's counters when it is installed
     (``planned``, ``shifted``, ``unplanned``: requests that left the plan, ``outside``)."""
-    runner = getattr(model, "_memoplan_runner", None)
-    if runner is None:
-        raise MemoplanError("This model was not wrapped by memoplan.runtime.apply().")
+    runner = _runner_of(model)
     out: dict[str, Any] = {
         "layer_calls": runner.calls, "host_bytes": runner.host_bytes,
         "recomputed_tokens": runner.recomputed_tokens, "prefetched_ahead": runner.prefetched_ahead,
-        "host_slab_bytes": runner.copier.slab_bytes,
+        "host_slab_bytes": runner.copier.slab_bytes, "pin_seconds": runner.copier.pin_seconds,
         "host_buffer_bytes": runner.copier.host_buffer_bytes,
         "host_extra_bytes": runner.copier.extra_bytes,
         "pieced_copies": runner.copier.pieced,
@@ -202,6 +238,8 @@ def apply(model: torch.nn.Module, plan: Plan, *, debug_poison: bool = False,
     for index, layer in enumerate(layers):
         _wrap(layer, index, runner)
     model._memoplan_runner = runner  # noqa: SLF001  (lets tests and benchmarks read counters)
+    if any(p.is_cuda for p in model.parameters()) and any(l.mode == "offload" for l in plan.layers):
+        prepare(model)  # pin the host slab now, not in the first step
     return model
 
 
@@ -289,7 +327,8 @@ class _LayerFunction(torch.autograd.Function):
         arena = runner.arena_on(grad_outputs[0].device)
         runner.copier.release_copied()  # forward's copy sources go before anything is leased
         if previous is not None and previous.host:  # its copies overlap this layer's backward
-            prefetch_layer(previous, runner.copier, arena, grad_outputs[0].device)
+            with torch.profiler.record_function(f"memoplan:prefetch[{previous.index}]"):
+                prefetch_layer(previous, runner.copier, arena, grad_outputs[0].device)
             runner.prefetched_ahead += 1
         runner.pending.pop(ctx.index, None)
         grads = backward_layer(prog, ctx.mode, state, runner.copier, arena, ctx.states,

@@ -42,6 +42,7 @@ import contextlib
 import itertools
 import mmap
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -154,6 +155,7 @@ class Copier:
         self._d2h: Any = None  # copy streams, made at the first copy
         self._h2d: Any = None
         self.slab_bytes = 0            # host memory reserved up front (pinned on a GPU)
+        self.pin_seconds = 0.0         # what making (and pinning) it took
         self.host_buffer_bytes = 0     # all host buffers made (slab or extra)
         self.extra_bytes = 0           # host buffers the slab could not hold
         self.pieced = 0                # transfers done as one copy per dense piece
@@ -171,8 +173,15 @@ class Copier:
         """Make the slab (once): ``need(alpha)`` is one offloaded layer's host bytes at this
         run's length, every buffer rounded up with :func:`aligned`."""
         if self._slab is None:
-            total = sum(need(a) for a in self.alphas)
+            self.reserve_bytes(sum(need(a) for a in self.alphas), device)
+
+    def reserve_bytes(self, total: int, device: torch.device) -> None:
+        """Make the slab (once) of ``total`` bytes, pinned for a CUDA ``device``; the seconds
+        it took are ``pin_seconds``."""
+        if self._slab is None:
+            began = time.perf_counter()
             self._slab = _Slab(total, device)
+            self.pin_seconds = time.perf_counter() - began
             self.slab_bytes = total
 
     def _async(self, device: torch.device) -> bool:
