@@ -351,6 +351,38 @@ class Prediction:
     gpu_bytes: dict[str, int]
 
 
+@dataclass(frozen=True)
+class Steps:
+    """The phase steps of one iteration of ``layers`` layers: level 2's time axis, shared by the
+    solver, the pictures and the tests (one place owns it)::
+
+        0 embedding | 1..L forward of layer 0..L-1 | L+1 head and loss | L+2..2L+1 backward of
+        layer L-1..0
+    """
+
+    layers: int
+
+    def forward(self, i: int) -> int:
+        return 1 + i
+
+    @property
+    def head(self) -> int:
+        return self.layers + 1
+
+    def backward(self, i: int) -> int:
+        return self.layers + 2 + (self.layers - 1 - i)
+
+    @property
+    def count(self) -> int:
+        return 2 * self.layers + 2
+
+    def labels(self) -> list[str]:
+        """embed, F0..F(L-1), head, B(L-1)..B0."""
+        n = self.layers
+        return (["embed"] + [f"F{i}" for i in range(n)] + ["head"]
+                + [f"B{i}" for i in reversed(range(n))])
+
+
 @dataclass(frozen=True, kw_only=True)
 class LevelPlan:
     """One solved DSA level: offsets by request/block id, with how good they are."""

@@ -32,7 +32,7 @@ from matplotlib.patches import Patch, Rectangle
 from matplotlib.ticker import FuncFormatter
 
 from memoplan.errors import MemoplanError
-from memoplan.ir import LevelPlan, Plan
+from memoplan.ir import LevelPlan, Plan, Steps
 from memoplan.solve.caching_sim import CachingResult, simulate_caching_allocator
 from memoplan.solve.dsa import Block
 from memoplan.solve.levels import blocks_to_requests
@@ -106,8 +106,7 @@ def _labelled_lines(ax: Axes) -> list[Line2D]:
 
 def phase_labels(n_layers: int) -> list[str]:
     """Names of the level-2 phase steps: embed, F0..F(L-1), head, B(L-1)..B0."""
-    return (["embed"] + [f"F{i}" for i in range(n_layers)] + ["head"]
-            + [f"B{i}" for i in reversed(range(n_layers))])
+    return Steps(n_layers).labels()
 
 
 def _step_ticks(ax: Axes, labels: Sequence[str]) -> None:

@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import EXAMPLES
 from memoplan.hardware import get_hardware
+from memoplan.ir import Steps
 from memoplan.runtime import apply
 from memoplan.solve import SolveConfig, solve_plan
 from memoplan.trace import ProfileConfig, profile_model
@@ -82,8 +83,7 @@ def test_head_phase_live_bytes_within_the_plan():
     with mode:
         step(mode)
     it = plan.levels["iteration"]
-    n = len(plan.layers)
-    head_step = n + 1
+    head_step = Steps(len(plan.layers)).head
     in_arena = sum(size for name, size in it.sizes.items()
                    if it.lifetimes[name][0] <= head_step < it.lifetimes[name][1])
     shared = plan.predicted.gpu_bytes["plan"] - plan.arena_bytes - plan.state_bytes \

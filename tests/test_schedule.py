@@ -15,7 +15,7 @@ import torch
 
 from conftest import EXAMPLES
 from memoplan.hardware import get_hardware
-from memoplan.ir import Profile
+from memoplan.ir import Profile, Steps
 from memoplan.runtime import apply, execute
 from memoplan.solve import SolveConfig, solve_plan
 from memoplan.trace import ProfileConfig, profile_model
@@ -27,8 +27,7 @@ PROFILES = EXAMPLES / "profiles"
 def _held_during_next_backward(plan, i: int) -> int:
     """Bytes of the level-2 blocks of layer i live at layer i+1's backward step."""
     it = plan.levels["iteration"]
-    n = len(plan.layers)
-    step = n + 2 + (n - 1 - (i + 1))
+    step = Steps(len(plan.layers)).backward(i + 1)
     total = 0
     for name, (start, end) in it.lifetimes.items():
         if f"[{i}]" in name and start <= step < end:

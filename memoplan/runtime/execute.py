@@ -31,20 +31,13 @@ from memoplan.runtime.arena import Arena, Lease, dim_order, empty_laid_out
 from memoplan.runtime.program import LayerProgram
 from memoplan.runtime.streams import Copier, aligned
 from memoplan.trace.recompute import run_on_tokens
+from memoplan.trace.replay import Replay
 
 
-def _args_of(n: fx.Node, env: dict[str, Any]) -> tuple[tuple, dict]:
-    return pytree.tree_map(lambda a: env[a.name] if isinstance(a, fx.Node) else a,
-                           (n.args, n.kwargs), is_leaf=lambda a: isinstance(a, fx.Node))
-
-
-def _run(nodes: list[fx.Node], env: dict[str, Any], drops: dict[str, list[str]]) -> None:
+def _run(prog: LayerProgram, nodes: list[fx.Node], env: dict[str, Any],
+         drops: dict[str, list[str]]) -> None:
     """Run ``nodes`` over ``env``, dropping each value after its last use (``drops``)."""
-    for n in nodes:
-        args, kwargs = _args_of(n, env)
-        env[n.name] = n.target(*args, **kwargs)
-        for name in drops.get(n.name, ()):
-            env.pop(name, None)
+    Replay(prog.trace.gm, env).run_nodes(nodes, drops)
 
 
 def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -88,7 +81,7 @@ def forward_layer(prog: LayerProgram, mode: str, alpha: float, copier: Copier, i
     # masks, philox seeds): keep the generator's state it starts from, as checkpoint does
     rng = _rng_state(device) if mode == "recompute" and prog.random else None
     with torch.no_grad(), _no_autocast(device):
-        _run(prog.forward_nodes, env, prog.drop_forward)
+        _run(prog, prog.forward_nodes, env, prog.drop_forward)
     outputs = [env[n.name] for n in _output_nodes(prog)[: prog.num_outputs]]
     state = LayerState(index)
     state.rng = rng
@@ -286,11 +279,11 @@ def backward_layer(prog: LayerProgram, mode: str, state: LayerState, copier: Cop
         with planned("recompute"):
             if mode == "recompute":
                 with _replayed_rng(device, state.rng):
-                    _run(prog.forward_nodes, env, prog.drop_refold)
+                    _run(prog, prog.forward_nodes, env, prog.drop_refold)
             _rebuild_splits(prog, state, env, copier)
             _materialise_reads(prog, env)
         with planned("backward"):
-            _run(prog.backward_nodes, env, prog.drop_backward)
+            _run(prog, prog.backward_nodes, env, prog.drop_backward)
     flat = pytree.tree_leaves(_output_nodes(prog))
     grads = [env[n.name] if isinstance(n, fx.Node) else None for n in flat[prog.num_outputs:]]
     env.clear()
@@ -348,20 +341,9 @@ def _rebuild_splits(prog: LayerProgram, state: LayerState, env: dict[str, Any],
 
 def _materialise_reads(prog: LayerProgram, env: dict[str, Any]) -> None:
     """Every forward value backward reads that is not yet in ``env`` (views of kept values)."""
+    replay = Replay(prog.trace.gm, env)
     for name in prog.read_by_backward:
-        _ensure(prog, name, env)
-
-
-def _ensure(prog: LayerProgram, name: str, env: dict[str, Any]) -> Any:
-    if name in env:
-        return env[name]
-    n = prog.node[name]
-    for a in pytree.tree_leaves((n.args, n.kwargs)):
-        if isinstance(a, fx.Node):
-            _ensure(prog, a.name, env)
-    args, kwargs = _args_of(n, env)
-    env[name] = n.target(*args, **kwargs)
-    return env[name]
+        replay.ensure(name, prog.node)
 
 
 def _output_nodes(prog: LayerProgram) -> list:

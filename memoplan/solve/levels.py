@@ -3,7 +3,7 @@
 Level 1 places one layer's forward requests and, separately, its backward requests (every
 identical layer reuses these offsets). Skeletal tensors are not in level 1: forward writes them
 into the layer's rounding buffer and backward reads them from its prefetch buffer, both level-2
-blocks. Level 2 places the whole iteration as blocks over phase steps
+blocks. Level 2 places the whole iteration as blocks over phase steps (``ir.Steps``)
 
     step 0: embedding | 1..L: forward of layer 0..L-1 | L+1: head and loss | L+2..2L+1: backward
     of layer L-1..0
@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from memoplan.ir import LayerDecision, LevelPlan, Profile
+from memoplan.ir import LayerDecision, LevelPlan, Profile, Steps
 from memoplan.solve.caching_sim import simulate_caching_allocator
 from memoplan.solve.check import check_placement
 from memoplan.solve.config import SolveConfig
@@ -152,9 +152,8 @@ def level2_blocks(layers: Sequence[LayerDecision], lb: LayerBytes, fwd_peak: int
                   align: int) -> list[Block]:
     """The iteration's blocks (see the module docstring for the steps)."""
     n = len(layers)
-    F = lambda i: 1 + i                  # noqa: E731  forward step of layer i
-    B = lambda i: n + 2 + (n - 1 - i)    # noqa: E731  backward step of layer i
-    H = n + 1
+    steps = Steps(n)
+    F, B, H = steps.forward, steps.backward, steps.head
     skeletal_rest = lb.total - lb.input
     blocks: list[Block] = []
 

@@ -31,6 +31,7 @@ from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
 from memoplan.errors import MemoplanError
+from memoplan.trace.replay import Replay, where
 
 Role = str  # "param" | "buffer" | "primary" | "shared" | "grad_out"
 
@@ -167,7 +168,8 @@ def trace_layer(layer: torch.nn.Module, args: tuple, kwargs: dict, *, seq_len: i
 
     try:
         with torch.enable_grad():
-            gm = make_fx(joint, tracing_mode="fake")(pvals, bvals, inputs, grad_outs)
+            gm = make_fx(joint, tracing_mode="fake", record_stack_traces=True)(
+                pvals, bvals, inputs, grad_outs)
     except Exception as e:
         raise MemoplanError(_trace_failure(layer_name, e)) from e
     if not boundary or boundary[0] < 0:
@@ -183,7 +185,7 @@ def trace_layer(layer: torch.nn.Module, args: tuple, kwargs: dict, *, seq_len: i
     if writes:
         raise MemoplanError(
             f"Layer '{layer_name}' writes in place in its forward ({len(writes)} op(s), the first "
-            f"{writes[0].target} at '{writes[0].name}'). memoplan replays and recomputes a layer's "
+            f"{where(writes[0])}). memoplan replays and recomputes a layer's "
             f"ops, which an in-place write would apply twice. Write it out of place "
             f"('h = h * 2' instead of 'h.mul_(2)' or 'h *= 2').")
     flat_inputs = [pvals, bvals, [x.detach().requires_grad_(x.requires_grad) for x in inputs],
@@ -262,22 +264,32 @@ def shadow_call(n: fx.Node, value: Any, native: dict[str, Any]) -> Any:
             return pytree.tree_map(upcast, result)
 
 
+class _Shadow(Replay):
+    """The forward on real values in float32, each op through ``shadow_call``."""
+
+    def __init__(self, gm: fx.GraphModule, native: dict[str, Any]) -> None:
+        super().__init__(gm)
+        self.native = native
+
+    def run_node(self, n: fx.Node) -> Any:
+        return shadow_call(n, self.value, self.native)
+
+
 def _shadow_run(gm: fx.GraphModule, forward_nodes: list[fx.Node], flat_inputs: list,
                 native: dict[str, Any]) -> dict[str, Any]:
     """Run the forward part of ``gm`` on real inputs in float32; node name -> value."""
-    env: dict[str, Any] = {}
+    shadow = _Shadow(gm, native)
     flat = pytree.tree_leaves(flat_inputs)
     for n, x in zip((n for n in gm.graph.nodes if n.op == "placeholder"), flat):
-        env[n.name] = upcast(x.detach())
-    for n in forward_nodes:
-        try:
-            env[n.name] = shadow_call(n, lambda a: env[a.name], native)
-        except Exception as e:
-            raise MemoplanError(
-                f"Running op '{n.name}' ({n.target}) of the layer on real values failed: "
-                f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. memoplan runs "
-                f"the forward once on small real inputs to find which ops are token-wise.") from e
-    return env
+        shadow.values[n.name] = upcast(x.detach())
+    try:
+        return shadow.run_nodes(forward_nodes)
+    except Exception as e:
+        n = next(n for n in forward_nodes if n.name not in shadow.values)
+        raise MemoplanError(
+            f"Running the layer's op {where(n)} on real values failed: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}. memoplan runs the forward once on small "
+            f"real inputs to find which ops are token-wise.") from e
 
 
 class _RecordingInterpreter(fx.Interpreter):

@@ -17,6 +17,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from memoplan.errors import MemoplanError
+from memoplan.trace.replay import Replay
 from memoplan.trace.graph import LayerTrace, upcast
 
 
@@ -52,6 +53,43 @@ def select_tokens(v: torch.Tensor, axis: int, tokens: torch.Tensor | range) -> t
     return picked.contiguous().permute(inverse)
 
 
+class TokenReplay(Replay):
+    """Runs token-wise ops for a subset of the tokens (see :func:`run_on_tokens`)."""
+
+    def __init__(self, gm: fx.GraphModule, lookup: Callable[[str], Any],
+                 axes: dict[str, list[tuple[int, ...]]], tokens: torch.Tensor | range, seq: int,
+                 cast: Callable[[Any], Any], made: Callable[[str, Any], None] | None,
+                 into: Callable[[str], torch.Tensor | None] | None) -> None:
+        super().__init__(gm, load=lookup)
+        self.axes, self.tokens, self.seq, self.cast = axes, tokens, seq, cast
+        self.k = len(tokens) if isinstance(tokens, range) else int(tokens.numel())
+        self.made, self.into = made, into
+
+    def outside(self, n: fx.Node, v: Any) -> Any:  # sliced to the tokens, once
+        ax = self.axes.get(n.name, [])
+        if isinstance(v, torch.Tensor) and len(ax) == 1 and len(ax[0]) == 1:
+            v = select_tokens(v, ax[0][0], self.tokens)
+        return v
+
+    def fetch_args_kwargs_from_env(self, n: fx.Node) -> tuple[tuple, dict]:
+        args = pytree.tree_map(lambda a: self.value(a) if isinstance(a, fx.Node) else self.cast(a),
+                               (n.args, n.kwargs), is_leaf=lambda a: isinstance(a, fx.Node))
+        out_axes = self.axes.get(n.name, [])
+        if len(out_axes) == 1 and len(out_axes[0]) == 1:
+            return tuple(_resize(a, out_axes[0][0], self.seq, self.k) for a in args[0]), args[1]
+        return args
+
+    def run_node(self, n: fx.Node) -> Any:
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        dest = self.into(n.name) if self.into is not None else None
+        if dest is not None and _run_into(n, args, kwargs, dest):
+            return dest
+        out = n.target(*args, **kwargs)
+        if self.made is not None:
+            self.made(n.name, out)
+        return out
+
+
 def run_on_tokens(nodes: list[fx.Node], lookup: Callable[[str], Any],
                   axes: dict[str, list[tuple[int, ...]]], tokens: torch.Tensor | range, seq: int,
                   cast: Callable[[Any], Any] = lambda a: a, *,
@@ -70,37 +108,12 @@ def run_on_tokens(nodes: list[fx.Node], lookup: Callable[[str], Any],
     ``release_after``) lets go of each value after its last use, so that the values are not all
     alive at once.
     """
-    k = len(tokens) if isinstance(tokens, range) else int(tokens.numel())
-    local: dict[str, Any] = {}
-
-    def value(a: Any) -> Any:
-        if isinstance(a, fx.Node):
-            if a.name not in local:  # from outside: sliced once
-                v = lookup(a.name)
-                ax = axes.get(a.name, [])
-                if isinstance(v, torch.Tensor) and len(ax) == 1 and len(ax[0]) == 1:
-                    v = select_tokens(v, ax[0][0], tokens)
-                local[a.name] = v
-            return local[a.name]
-        return cast(a)
-
+    if not nodes:
+        return {}
+    replay = TokenReplay(nodes[0].graph.owning_module, lookup, axes, tokens, seq, cast, made,
+                         into)
     with torch.no_grad():
-        for n in nodes:
-            args, kwargs = pytree.tree_map(value, (n.args, n.kwargs),
-                                           is_leaf=lambda x: isinstance(x, fx.Node))
-            out_axes = axes.get(n.name, [])
-            if len(out_axes) == 1 and len(out_axes[0]) == 1:
-                args = tuple(_resize(a, out_axes[0][0], seq, k) for a in args)
-            dest = into(n.name) if into is not None else None
-            if dest is not None and _run_into(n, args, kwargs, dest):
-                local[n.name] = dest
-            else:
-                local[n.name] = n.target(*args, **kwargs)
-                if made is not None:
-                    made(n.name, local[n.name])
-            for name in (drops or {}).get(n.name, ()):
-                local.pop(name, None)
-    return local
+        return replay.run_nodes(nodes, drops)
 
 
 @functools.cache
