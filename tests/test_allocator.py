@@ -4,12 +4,20 @@ block of the iteration held, and no request stream, however far from the plan, g
 range that overlaps a live one. It fails safe: phases are keyed on (device, stream), a second
 device is refused, record_stream keeps a block until its streams pass, a request it cannot
 serve (out of memory, graph capture) gets null and a message, and it keeps memory statistics
-torch.cuda cannot."""
+torch.cuda cannot. Its CUDA calls fail safe too (stand-ins for CUDA's errors and contexts): an
+event whose query fails is not passed, errors are cleared and counted, a thread without CUDA
+gets no context on GPU 0, and its state outlives static destruction. The CUDA variant links
+the CUDA runtime torch uses."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
+import subprocess
+import sys
+import textwrap
+import threading
 import weakref
 
 import pytest
@@ -256,7 +264,15 @@ def test_the_allocator_is_built_through_cpp_extension(monkeypatch):
     assert path.exists() and allocator.cache_dir() in path.parents
 
 
-@pytest.mark.skipif(not allocator.cuda_dirs()[0], reason="needs the CUDA runtime headers")
+def _cuda_headers() -> bool:
+    try:
+        return bool(allocator.cuda_dirs()[0])
+    except MemoplanError:  # only a CUDA runtime of another major version than torch's
+        return False
+
+
+@pytest.mark.skipif(not _cuda_headers(), reason="needs the CUDA runtime headers (and libcudart "
+                                                 "of torch's CUDA version)")
 def test_the_cuda_variant_compiles_and_loads():
     """The CUDA build (torch's and CUDA's headers, libcudart) compiles here too; without a
     device, a request gets null and CUDA's reason instead of stopping the process."""
@@ -266,6 +282,9 @@ def test_the_cuda_variant_compiles_and_loads():
         assert alloc.lib.mp_malloc(1024, 0, None) is None
         assert "could not allocate 1024 bytes on device 0 (cuda" in alloc.last_error()
         assert alloc.stats()["refused"] == 1
+        errors = alloc.stats()["cuda_errors"]
+        alloc.lib.mp_free(0x1000, 0, 0, None)  # the free fails here: counted
+        assert alloc.stats()["cuda_errors"] > errors
 
 
 def test_phases_are_keyed_on_device_and_a_second_device_is_refused(fresh):
@@ -369,6 +388,180 @@ def test_a_request_from_a_capturing_stream_is_refused(fresh):
     r.clear()
 
 
+# CUDA's error codes (the host backend's stand-in returns them)
+INVALID_HANDLE, ILLEGAL_ADDRESS = 400, 700
+CAPTURE_ERRORS = {"StreamCaptureUnsupported": 900, "StreamCaptureInvalidated": 901,
+                  "StreamCaptureImplicit": 906, "CapturedEvent": 907}
+
+
+@pytest.mark.parametrize("error", CAPTURE_ERRORS.values(), ids=CAPTURE_ERRORS.keys())
+def test_an_event_query_that_fails_keeps_the_block_unless_the_context_is_dead(fresh, error):
+    """cudaEventQuery fails while another thread captures a CUDA graph in global mode: the block
+    stays held (only success means passed), the error is cleared and counted, and the block is
+    released once the query succeeds. A sticky error (the context is dead) counts as passed."""
+    lib = fresh.lib
+    ptr = lib.mp_malloc(4096, 0, COMPUTE)
+    lib.mp_record_stream(ptr, OTHER)
+    lib.mp_free(ptr, 0, 0, COMPUTE)  # an event recorded on OTHER, whose work has finished
+    lib.mp_test_set_stream_error(OTHER, error)  # but querying it is prohibited now
+    errors = fresh.stats()["cuda_errors"]
+    fresh.empty_cache()
+    assert fresh.stats()["waiting"] == 1
+    assert fresh.memory_stats()["pool"]["allocated"] == 4096
+    assert lib.mp_test_pending_error() == 0  # nothing left for an unrelated kernel to report
+    assert fresh.stats()["cuda_errors"] == errors + 1
+    lib.mp_test_set_stream_error(OTHER, 0)  # the capture ended
+    fresh.empty_cache()
+    assert fresh.stats()["waiting"] == 0
+    assert fresh.memory_stats()["pool"]["allocated"] == 0
+    # a dead context: nothing will run again, the block is released (the error stays: sticky)
+    ptr = lib.mp_malloc(4096, 0, COMPUTE)
+    lib.mp_record_stream(ptr, OTHER)
+    lib.mp_test_set_busy(OTHER, 1)
+    lib.mp_free(ptr, 0, 0, COMPUTE)
+    lib.mp_test_set_stream_error(OTHER, ILLEGAL_ADDRESS)
+    fresh.empty_cache()
+    assert fresh.stats()["waiting"] == 0
+    assert fresh.memory_stats()["pool"]["allocated"] == 0
+    assert lib.mp_test_pending_error() == ILLEGAL_ADDRESS
+
+
+def test_failed_cuda_calls_are_cleared_and_counted_and_a_failed_free_leaks(fresh):
+    """A free on a destroyed stream (cudaErrorInvalidResourceHandle) and an event that cannot be
+    recorded: each error is cleared (it would otherwise surface on a later, unrelated kernel)
+    and counted in ``cuda_errors``; the block whose free failed leaves the allocator's books
+    (leaked, not freed on another stream), the one without an event stays held."""
+    lib = fresh.lib
+    ptr = lib.mp_malloc(4096, 0, OTHER)
+    lib.mp_test_set_stream_error(OTHER, INVALID_HANDLE)
+    lib.mp_free(ptr, 0, 0, OTHER)
+    assert lib.mp_test_pending_error() == 0
+    assert fresh.stats()["cuda_errors"] == 1
+    assert fresh.memory_stats()["pool"]["allocated"] == 0
+    ptr = lib.mp_malloc(4096, 0, COMPUTE)
+    lib.mp_record_stream(ptr, OTHER)
+    lib.mp_free(ptr, 0, 0, COMPUTE)  # no event on OTHER: held for good
+    assert lib.mp_test_pending_error() == 0
+    assert fresh.stats()["cuda_errors"] == 2
+    lib.mp_test_set_stream_error(OTHER, 0)
+    fresh.empty_cache()
+    assert fresh.stats()["waiting"] == 1
+    assert fresh.memory_stats()["pool"]["allocated"] == 4096
+
+
+def _on_new_thread(fn):
+    out = []
+    t = threading.Thread(target=lambda: out.append(fn()))
+    t.start()
+    t.join()
+    return out[0]
+
+
+def test_a_free_on_a_thread_without_cuda_creates_no_context_on_gpu_0(fresh):
+    """Rank 1's process: NCCL's watchdog thread (which never chose a device: cudaGetDevice says
+    0 there) frees a record_stream'ed block of device 1. Recording, querying and destroying its
+    event and freeing it happen on device 1, which stays current there: no context is created
+    on GPU 0 (restoring the 0 would create one). A thread that uses a device gets it back."""
+    lib = fresh.lib
+    lib.mp_test_set_device(1)
+    ptr = lib.mp_malloc(4096, 1, COMPUTE)
+    plain = lib.mp_malloc(64, 1, COMPUTE)
+    lib.mp_record_stream(ptr, OTHER)
+    lib.mp_test_set_busy(OTHER, 1)
+
+    def watchdog_free():
+        lib.mp_free(plain, 0, 1, COMPUTE)
+        lib.mp_free(ptr, 0, 1, COMPUTE)
+        return lib.mp_test_current_device()
+
+    assert _on_new_thread(watchdog_free) == 1
+    lib.mp_test_set_busy(OTHER, 0)
+    _on_new_thread(fresh.empty_cache)  # the event has passed: released there
+    assert fresh.stats()["waiting"] == 0 and fresh.memory_stats()["pool"]["allocated"] == 0
+    assert lib.mp_test_contexts() == 1 << 1
+
+    def user_thread():
+        lib.mp_test_set_device(0)  # a thread of device 0 frees a block of device 1
+        p = lib.mp_malloc(4096, 1, COMPUTE)
+        lib.mp_record_stream(p, OTHER)
+        lib.mp_free(p, 0, 1, COMPUTE)
+        return lib.mp_test_current_device()
+
+    assert _on_new_thread(user_thread) == 0
+
+
+def test_a_free_at_exit_finds_the_allocator_alive(tmp_path):
+    """A static destroyed at exit after the allocator's state was created (libtorch's, freeing
+    a tensor) frees a block: the state is never destroyed, so the free works. glibc fills freed
+    memory (MALLOC_PERTURB_, no thread cache), so a destroyed state's map would crash."""
+    script = tmp_path / "at_exit.py"
+    script.write_text(textwrap.dedent("""
+        import ctypes, sys
+        import torch  # the libraries the allocator links
+        lib = ctypes.CDLL(sys.argv[1])
+        lib.mp_malloc.restype = ctypes.c_void_p
+        lib.mp_malloc.argtypes = [ctypes.c_ssize_t, ctypes.c_int, ctypes.c_void_p]
+        lib.mp_test_free_at_exit.argtypes = [ctypes.c_void_p]
+        lib.mp_test_free_at_exit(None)  # created first: destroyed after the state
+        blocks = [lib.mp_malloc(1000, 0, None) for _ in range(64)]
+        lib.mp_test_free_at_exit(blocks[0])
+    """))
+    env = {**os.environ, "MALLOC_PERTURB_": "165",
+           "GLIBC_TUNABLES": "glibc.malloc.tcache_count=0"}
+    done = subprocess.run([sys.executable, str(script), str(allocator.build(host_backend=True))],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"freed at exit; pool bytes {63 * 1000}\n"
+
+
+def _fake_cuda(root, lib_names, links=None):
+    """A CUDA runtime's folder: include/cuda_runtime_api.h and libcudart files under lib*/."""
+    (root / "include").mkdir(parents=True)
+    (root / "include" / "cuda_runtime_api.h").write_text("")
+    for name in lib_names:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("")
+    for link, target in (links or {}).items():
+        (root / link).symlink_to(target)
+    return root
+
+
+def test_cuda_dirs_links_the_cuda_runtime_torch_uses(tmp_path, monkeypatch):
+    """A cu12x torch with a CUDA 13 toolkit: pip's libcudart.so.12 is linked (with its headers),
+    else a CUDA 12 toolkit's; only a CUDA 13 runtime: refused, naming both versions. A CPU-only
+    torch links the toolkit's, as before."""
+    site = tmp_path / "site"
+    pip12 = _fake_cuda(site / "nvidia" / "cuda_runtime", ["lib/libcudart.so.12"])
+    cu13 = _fake_cuda(tmp_path / "cuda-13.0", ["lib64/libcudart.so.13.0.48"],
+                      {"lib64/libcudart.so.13": "libcudart.so.13.0.48",
+                       "lib64/libcudart.so": "libcudart.so.13"})
+    cu12 = _fake_cuda(tmp_path / "cuda-12.8", ["lib64/libcudart.so.12.8.90"],
+                      {"lib64/libcudart.so.12": "libcudart.so.12.8.90"})
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    pip_inc, inc13, inc12 = (str(r / "include") for r in (pip12, cu13, cu12))
+
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    incs, libs = allocator.cuda_dirs(site, [str(cu13)])
+    assert libs == [str(pip12 / "lib" / "libcudart.so.12")] and incs[0] == pip_inc
+    incs, libs = allocator.cuda_dirs(empty, [str(cu13), str(cu12)])
+    assert libs == [str(cu12 / "lib64" / "libcudart.so.12")] and incs[0] == inc12
+    with pytest.raises(MemoplanError, match="runs CUDA 12.8.*found .* is CUDA 13 "):
+        allocator.cuda_dirs(empty, [str(cu13)])
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    incs, libs = allocator.cuda_dirs(site, [str(cu13)])
+    assert libs == [str(cu13 / "lib64" / "libcudart.so")] and incs[0] == inc13
+    pip13 = _fake_cuda(tmp_path / "site13" / "nvidia" / "cu13", ["lib/libcudart.so.13"])
+    incs, libs = allocator.cuda_dirs(tmp_path / "site13", [str(cu13)])
+    assert libs == [str(pip13 / "lib" / "libcudart.so.13")]
+    monkeypatch.setattr(torch.version, "cuda", None)  # a CPU-only torch: as before
+    assert allocator.cuda_dirs(site, [str(cu13)]) == ([inc13], [str(cu13 / "lib64" /
+                                                                    "libcudart.so")])
+    assert allocator.cuda_dirs(site, [str(empty)]) == ([pip_inc], [str(pip12 / "lib" /
+                                                                       "libcudart.so.12")])
+    assert allocator.cuda_dirs(empty, [str(empty)]) == ([], [])
+
+
 def test_memory_stats_and_resettable_peaks(fresh, monkeypatch):
     """The arena's buffer comes from the pool (as the runtime allocates it); two planned
     requests and an unplanned one, then frees: allocated, reserved and peaks of the arena, the
@@ -445,6 +638,44 @@ def test_install_sets_the_record_stream_and_empty_cache_hooks(monkeypatch):
     monkeypatch.setattr(Pluggable, "hooks", object)
     with pytest.raises(MemoplanError, match="TORCH_NCCL_AVOID_RECORD_STREAMS=1"):
         allocator.install_allocator()
+
+
+def test_install_after_cuda_is_initialised_says_to_call_it_first(monkeypatch):
+    """torchrun scripts call torch.cuda.set_device(local_rank) first, which initialises CUDA
+    and PyTorch's allocator: install_allocator() then says to come before it (without building
+    anything), and so does a failed swap."""
+    too_late = "before torch.cuda.set_device\\(local_rank\\), torch.distributed.init_process_group"
+    build = allocator.build
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(allocator, "_installed", None)
+    monkeypatch.setattr(allocator, "build", lambda: pytest.fail("built after CUDA init"))
+    with pytest.raises(MemoplanError, match=too_late):
+        allocator.install_allocator()
+
+    class Pluggable:  # PyTorch's, with its hooks
+        def __init__(self, *args):
+            pass
+
+        def allocator(self):
+            return self
+
+        def set_record_stream_fn(self, fn):
+            pass
+
+        def set_reset_fn(self, fn):
+            pass
+
+    def swap(alloc):
+        raise RuntimeError("Can't swap an already initialized allocator")
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(allocator, "build", lambda: build(host_backend=True))
+    monkeypatch.setattr(torch.cuda.memory, "CUDAPluggableAllocator", Pluggable)
+    monkeypatch.setattr(torch.cuda.memory, "change_current_allocator", swap)
+    with pytest.raises(MemoplanError, match=f"{too_late}.*Can't swap"):
+        allocator.install_allocator()
+    assert allocator.installed() is None
 
 
 class TorchRequests:

@@ -6,7 +6,7 @@ CUDA allocation (see ``shared/reference/allocator-facts.md``). Training scripts 
 with::
 
     import memoplan.runtime
-    memoplan.runtime.install_allocator()   # first line, before any tensor is put on the GPU
+    memoplan.runtime.install_allocator()   # first, before torch.cuda.set_device or any CUDA call
 
 The allocator (``csrc/plan_allocator.cpp``, built with ``torch.utils.cpp_extension`` at first
 use and cached) serves everything from CUDA's stream-ordered pool, except during a planned
@@ -37,6 +37,9 @@ It fails safe where PyTorch's pluggable-allocator API (``CUDAPluggableAllocator`
 - ``torch.cuda.empty_cache()`` reaches the pool through the API's empty-cache hook (idle memory
   goes back to CUDA).
 - CUDA graph capture is refused: a request from a capturing stream raises with a message.
+- a CUDA call that fails is cleared (not left to be reported for a later kernel) and counted
+  (``stats()["cuda_errors"]``); a thread without a CUDA context (NCCL's watchdog freeing a
+  tensor) frees on the block's device and is never switched to GPU 0 (no stray context there).
 
 Without the allocator the runtime still runs (its own buffers may still use the arena), with
 transients from PyTorch's caching allocator.
@@ -51,6 +54,7 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -61,10 +65,15 @@ from memoplan.errors import MemoplanError
 
 SOURCE = Path(__file__).with_name("csrc") / "plan_allocator.cpp"
 STATS = ("planned", "shifted", "unplanned", "outside", "pool_bytes", "pool_peak",
-         "arena_live", "arena_peak", "arena_allocations", "in_block", "refused", "waiting")
+         "arena_live", "arena_peak", "arena_allocations", "in_block", "refused", "waiting",
+         "cuda_errors")
 MEMORY = ("allocated", "allocated_peak", "reserved", "reserved_peak")
 
 _installed: PlanAllocator | None = None
+TOO_LATE = ("install_allocator() came after CUDA was initialised in this process, and PyTorch's "
+            "allocator cannot be swapped then. Call it first in the training script, before "
+            "torch.cuda.set_device(local_rank), torch.distributed.init_process_group and any "
+            "other CUDA call or tensor.")
 
 
 def cache_dir() -> Path:
@@ -73,25 +82,72 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def cuda_dirs() -> tuple[list[str], list[str]]:
-    """Include folders (those of the CUDA toolkit, or of pip's nvidia packages) and the
-    ``libcudart`` to link, or ``([], [])`` where no ``cuda_runtime_api.h`` is found."""
+def cudart_major(path: str) -> str | None:
+    """The major version of a ``libcudart.so*`` (its name, or that of the file it links to)."""
+    for name in (os.path.basename(path), os.path.basename(os.path.realpath(path))):
+        m = re.match(r"libcudart\.so\.(\d+)", name)
+        if m:
+            return m.group(1)
+    return None
+
+
+def cuda_dirs(site: Path | None = None,
+              homes: list[str | None] | None = None) -> tuple[list[str], list[str]]:
+    """Include folders and the ``libcudart`` to link (pip's nvidia packages under ``site``, the
+    CUDA toolkits in ``homes``; by default torch's site-packages, and CUDA_HOME and
+    /usr/local/cuda), or ``([], [])`` where no ``cuda_runtime_api.h`` is found.
+
+    With a CUDA build of torch, the library must link the CUDA runtime torch loads: a second one
+    of another major version (a CUDA 13 toolkit beside a cu12x wheel) would be loaded next to
+    torch's, and on a driver older than it every allocation would fail. So the ``libcudart``
+    whose major version is ``torch.version.cuda``'s is taken, pip's first (what the wheel
+    loads), then a toolkit's, with the headers beside it; where only others exist, a
+    MemoplanError names both versions. A CPU-only torch (no CUDA version) takes the first
+    toolkit's, else pip's: that build only compiles and loads."""
     from torch.utils import cpp_extension
 
-    homes = [cpp_extension.CUDA_HOME, os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
-    site = Path(torch.__file__).resolve().parent.parent
-    for incs in ([os.path.join(h, "include")] for h in homes if h):
-        if os.path.exists(os.path.join(incs[0], "cuda_runtime_api.h")):
-            break
-    else:  # pip's layout: nvidia/cuda_runtime/include, with crt/ under nvidia/cuda_nvcc/include
-        incs = sorted(glob.glob(str(site / "nvidia" / "*" / "include")))
-        if not any(os.path.exists(os.path.join(d, "cuda_runtime_api.h")) for d in incs):
-            return [], []
-    libs = []
-    for inc in incs:
+    if homes is None:
+        homes = [cpp_extension.CUDA_HOME, os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
+    if site is None:
+        site = Path(torch.__file__).resolve().parent.parent
+
+    def with_header(incs: list[str]) -> list[str]:
+        return incs if any(os.path.exists(os.path.join(d, "cuda_runtime_api.h"))
+                           for d in incs) else []
+
+    roots = []  # (include folders, libcudart files) of each toolkit, then of pip's packages
+    for h in dict.fromkeys(h for h in homes if h):
+        libs = []
         for sub in ("lib64", "lib", os.path.join("lib", "x64")):
-            libs += sorted(glob.glob(os.path.join(os.path.dirname(inc), sub, "libcudart.so*")))
-    return incs, libs[:1]
+            libs += sorted(glob.glob(os.path.join(h, sub, "libcudart.so*")))
+        roots.append((with_header([os.path.join(h, "include")]), libs))
+    # pip's layout: nvidia/cuda_runtime (cu12) or nvidia/cu13, crt/ under nvidia/cuda_nvcc
+    roots.append((with_header(sorted(glob.glob(str(site / "nvidia" / "*" / "include")))),
+                  sorted(glob.glob(str(site / "nvidia" / "cu*" / "lib" / "libcudart.so*")))))
+    if not any(incs for incs, _ in roots):
+        return [], []
+    want = torch.version.cuda.split(".")[0] if torch.version.cuda else None
+    if want is None:  # a CPU-only torch: the first root with headers, as it links
+        incs, libs = next(root for root in roots if root[0])
+        return incs, libs[:1]
+    roots = roots[-1:] + roots[:-1]  # pip's first: the runtime the wheel loads
+    every_inc = [d for incs, _ in roots for d in incs]
+    for incs, libs in roots:
+        for lib in libs:
+            if cudart_major(lib) == want:  # its own headers first, others for what they lack
+                return list(dict.fromkeys(incs + every_inc)), [lib]
+    others = [lib for _, libs in roots for lib in libs]
+    if others:
+        versions = sorted({cudart_major(lib) or "of unknown version" for lib in others})
+        raise MemoplanError(
+            f"torch {torch.__version__} runs CUDA {torch.version.cuda}, and the only CUDA "
+            f"runtime found to build memoplan's planned allocator with is CUDA "
+            f"{', '.join(versions)} ({', '.join(others)}): loading it beside torch's would put "
+            f"two CUDA runtimes in the process (and fail every allocation on an older driver). "
+            f"Install the CUDA {want} runtime (NVIDIA's pip package for CUDA {want}, or a "
+            f"CUDA {want} toolkit with CUDA_HOME set to it), or run without "
+            f"install_allocator().")
+    return every_inc, []  # no libcudart file: the linker's -lcudart, as before
 
 
 def build(*, host_backend: bool = False) -> Path:
@@ -229,7 +285,12 @@ class PlanAllocator:
         """Request counters: ``planned``, ``shifted``, ``unplanned``, ``outside``, ``in_block``,
         ``refused`` (null: out of memory, graph capture), ``missed``; bytes (``pool_bytes``,
         ``arena_live`` and their peaks); ``arena_allocations`` live; ``waiting``: freed blocks
-        held until the streams that used them (record_stream) pass their events."""
+        held until the streams that used them (record_stream) pass their events;
+        ``cuda_errors``: CUDA calls of the allocator's own that failed (an event query while
+        another thread captures a graph, a free on a destroyed stream, calls after a kernel
+        fault), each error cleared so it is not reported later for an unrelated kernel; a pool
+        block whose free failed is leaked, never freed on another stream (the memory stays in
+        CUDA's pool, out of ``pool_bytes``)."""
         out = (ctypes.c_int64 * len(STATS))()
         self.lib.mp_stats(out)
         return {**dict(zip(STATS, out)), "missed": self.missed}
@@ -333,7 +394,9 @@ def phase_block(plan, phase: str, index: int) -> tuple[int, int] | None:
 def install_allocator() -> PlanAllocator:
     """Route every CUDA allocation of this process through memoplan's planned allocator.
 
-    Call it first thing in the training script, before any CUDA tensor exists. Idempotent.
+    Call it first thing in the training script, before ``torch.cuda.set_device``,
+    ``init_process_group`` or any other CUDA call (each initialises PyTorch's own allocator,
+    which cannot be swapped then). Idempotent.
     PyTorch's record-stream and empty-cache hooks are set to the allocator's; a PyTorch whose
     pluggable allocator has no such hooks is refused (``Tensor.record_stream`` would be ignored,
     and memory NCCL or a side stream still uses could be handed out again)."""
@@ -343,6 +406,10 @@ def install_allocator() -> PlanAllocator:
     if not torch.cuda.is_available():
         raise MemoplanError("install_allocator() places CUDA tensors, and no CUDA device is "
                             "available here. Leave it out on a CPU (the runtime runs without).")
+    # torch.cuda.set_device (torchrun's usual first line), init_process_group or any CUDA
+    # call starts PyTorch's own allocator, which cannot be swapped afterwards
+    if torch.cuda.is_initialized():
+        raise MemoplanError(TOO_LATE)
     path = build()
     planner = PlanAllocator(path)
     alloc = torch.cuda.memory.CUDAPluggableAllocator(str(path), "mp_torch_malloc", "mp_free")
@@ -360,10 +427,7 @@ def install_allocator() -> PlanAllocator:
     try:
         torch.cuda.memory.change_current_allocator(alloc)
     except RuntimeError as e:
-        raise MemoplanError(
-            "install_allocator() came after the first CUDA allocation of this process, and "
-            "PyTorch's allocator cannot be swapped then. Call it at the top of the training "
-            f"script, before any model or tensor is moved to the GPU ({e}).") from e
+        raise MemoplanError(f"{TOO_LATE} ({e})") from e
     _installed = planner
     return _installed
 

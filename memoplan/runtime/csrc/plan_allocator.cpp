@@ -29,11 +29,18 @@
 // - A request from a stream that is capturing a CUDA graph is refused with a message: the plan
 //   knows nothing of graph-private memory.
 // - mp_empty_cache (PyTorch's empty_cache hook) gives the pool's free memory back to CUDA.
+// - Every CUDA call is checked; a failure is cleared (so it is not reported later for some
+//   unrelated kernel) and counted (mp_stats: CUDA errors). An event has passed only when its
+//   query succeeds (or the context is dead); a free that fails leaks the block.
+// - Calls run with the block's device current, and a thread without a CUDA context (NCCL's
+//   watchdog) is never switched to device 0 (see DeviceGuard): no stray context on GPU 0.
+// - The state is never destroyed: frees from libtorch's static destructors at exit still work.
 // No device synchronisation happens under the lock.
 //
 // Compiled with -DMEMOPLAN_HOST_BACKEND, the pool is malloc/free, no CUDA header is needed,
-// and test hooks stand in for events, graph capture and an exhausted device: the tests drive
-// the same logic on a CPU through ctypes.
+// and test hooks stand in for events, graph capture, an exhausted device, failing CUDA calls
+// and threads' contexts: the tests drive the same logic (the error handling and the device
+// guard included) on a CPU through ctypes.
 
 #include <algorithm>
 #include <atomic>
@@ -57,20 +64,257 @@ struct PoolFailure {
   std::string what;
 };
 
+// CUDA calls of the allocator's own that failed (each cleared, see `failed`); a global atomic,
+// so that it never needs the state's lock and is never destroyed.
+std::atomic<int64_t> cuda_errors{0};
+
 }  // namespace
 
 #ifdef MEMOPLAN_HOST_BACKEND
 typedef void* cudaStream_t;
-typedef cudaStream_t Event;  // stands in for an event: it passes once its stream is idle
+// The CUDA error codes the code below tells apart, with CUDA's values (the tests pass them).
+enum cudaError_t : int {
+  cudaSuccess = 0,
+  cudaErrorCudartUnloading = 4,
+  cudaErrorNotReady = 600,
+  cudaErrorIllegalAddress = 700,
+  cudaErrorLaunchTimeout = 702,
+  cudaErrorAssert = 710,
+  cudaErrorHardwareStackError = 714,
+  cudaErrorIllegalInstruction = 715,
+  cudaErrorMisalignedAddress = 716,
+  cudaErrorInvalidAddressSpace = 717,
+  cudaErrorInvalidPc = 718,
+  cudaErrorLaunchFailure = 719,
+};
+#else
+#include <cuda_runtime_api.h>
+#include <c10/util/Exception.h>
+#endif
+
+// Errors after which the context is dead: every later call returns them again, and
+// cudaGetLastError cannot clear them (those CUDA documents as needing a new process, and the
+// runtime unloading at exit).
+static bool sticky(cudaError_t e) {
+  switch (e) {
+    case cudaErrorCudartUnloading:
+    case cudaErrorIllegalAddress:
+    case cudaErrorLaunchTimeout:
+    case cudaErrorAssert:
+    case cudaErrorHardwareStackError:
+    case cudaErrorIllegalInstruction:
+    case cudaErrorMisalignedAddress:
+    case cudaErrorInvalidAddressSpace:
+    case cudaErrorInvalidPc:
+    case cudaErrorLaunchFailure:
+      return true;
+    default:
+      return false;
+  }
+}
+
+#ifdef MEMOPLAN_HOST_BACKEND
+// Stand-ins for the CUDA runtime calls the shared code below makes, with the behaviours it has
+// to handle: a failed call leaves its error for the thread's next cudaGetLastError (a sticky
+// one for good); a call on a thread without a context creates one on the thread's current
+// device (0 on a thread that never chose one); an event passes once its stream is idle; calls
+// on a stream can be made to fail (test hooks at the end).
+struct HostEvent {
+  cudaStream_t stream;
+};
+typedef HostEvent* Event;
+const unsigned cudaEventDisableTiming = 2;
 
 namespace {
 std::mutex host_mu;
 std::set<cudaStream_t> host_busy;  // streams whose recorded work has not finished (test hook)
+std::map<cudaStream_t, int> host_stream_error;  // calls on these streams fail so (test hook)
+std::set<int> host_contexts;  // devices a context was created on
 cudaStream_t host_capturing = nullptr;
 bool host_capture_on = false;
 int64_t host_pool_cap = -1;  // pool requests over this many bytes fail as out of memory
+thread_local cudaError_t host_last = cudaSuccess;  // the error cudaGetLastError returns
+thread_local bool host_has_context = false;
+thread_local int host_device = 0;
+
+cudaError_t host_fail(cudaError_t e) {
+  if (!sticky(host_last)) host_last = e;
+  return e;
+}
+cudaError_t host_stream_failure(cudaStream_t s) {  // call under host_mu
+  auto it = host_stream_error.find(s);
+  return it == host_stream_error.end() ? cudaSuccess : host_fail((cudaError_t)it->second);
+}
 }  // namespace
 
+static cudaError_t cudaGetLastError() {
+  cudaError_t e = host_last;
+  if (!sticky(e)) host_last = cudaSuccess;
+  return e;
+}
+static cudaError_t cudaSetDevice(int device) {
+  host_device = device;
+  host_has_context = true;
+  std::lock_guard<std::mutex> lock(host_mu);
+  host_contexts.insert(device);
+  return cudaSuccess;
+}
+static cudaError_t cudaGetDevice(int* device) {  // creates no context, as in CUDA
+  *device = host_device;
+  return cudaSuccess;
+}
+static bool current_context() { return host_has_context; }
+static void need_context() {  // the runtime's lazy initialisation
+  if (!host_has_context) cudaSetDevice(host_device);
+}
+static cudaError_t cudaEventCreateWithFlags(Event* e, unsigned) {
+  need_context();
+  *e = new HostEvent{nullptr};
+  return cudaSuccess;
+}
+static cudaError_t cudaEventRecord(Event e, cudaStream_t s) {
+  need_context();
+  std::lock_guard<std::mutex> lock(host_mu);
+  if (cudaError_t r = host_stream_failure(s)) return r;
+  e->stream = s;
+  return cudaSuccess;
+}
+static cudaError_t cudaEventQuery(Event e) {
+  need_context();
+  std::lock_guard<std::mutex> lock(host_mu);
+  if (cudaError_t r = host_stream_failure(e->stream)) return r;
+  return host_busy.count(e->stream) ? host_fail(cudaErrorNotReady) : cudaSuccess;
+}
+static cudaError_t cudaEventDestroy(Event e) {
+  need_context();
+  delete e;
+  return cudaSuccess;
+}
+static cudaError_t cudaFreeAsync(void* p, cudaStream_t s) {
+  need_context();
+  {
+    std::lock_guard<std::mutex> lock(host_mu);
+    if (cudaError_t r = host_stream_failure(s)) return r;
+  }
+  std::free(p);
+  return cudaSuccess;
+}
+#else
+typedef cudaEvent_t Event;
+
+// The driver's cuCtxGetCurrent (CUresult (*)(CUcontext*)), fetched through the runtime so the
+// library links no libcuda; null where the driver does not give it.
+typedef int (*CtxGetCurrent)(void** ctx);
+static CtxGetCurrent ctx_get_current() {
+  static CtxGetCurrent fn = [] {
+    void* f = nullptr;
+#if CUDART_VERSION >= 12050
+    cudaDriverEntryPointQueryResult found;
+    cudaError_t e = cudaGetDriverEntryPointByVersion("cuCtxGetCurrent", &f, 12000,
+                                                     cudaEnableDefault, &found);
+    if (e == cudaSuccess && found != cudaDriverEntryPointSuccess) f = nullptr;
+#elif CUDART_VERSION >= 12000
+    cudaDriverEntryPointQueryResult found;
+    cudaError_t e = cudaGetDriverEntryPoint("cuCtxGetCurrent", &f, cudaEnableDefault, &found);
+    if (e == cudaSuccess && found != cudaDriverEntryPointSuccess) f = nullptr;
+#else
+    cudaError_t e = cudaGetDriverEntryPoint("cuCtxGetCurrent", &f, cudaEnableDefault);
+#endif
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      cuda_errors++;
+      f = nullptr;
+    }
+    return (CtxGetCurrent)f;
+  }();
+  return fn;
+}
+// Whether this thread has a current context (where it cannot tell: yes, the guard then
+// restores the previous device as it always did).
+static bool current_context() {
+  CtxGetCurrent fn = ctx_get_current();
+  void* ctx = nullptr;
+  return !fn || (fn(&ctx) == 0 && ctx != nullptr);
+}
+#endif
+
+// Whether a CUDA call failed. A failure is counted and its error cleared (a sticky one cannot
+// be): left pending, it would be reported later as the error of some unrelated kernel.
+static bool failed(cudaError_t e) {
+  if (e == cudaSuccess) return false;
+  if (!sticky(e)) cudaGetLastError();
+  cuda_errors++;
+  return true;
+}
+
+namespace {
+// Makes `device` current for the scope (every runtime call below runs under one). A thread that
+// never used CUDA (NCCL's watchdog freeing a record_stream'ed tensor) has no context, and
+// cudaGetDevice says 0 there: restoring that 0, or any runtime call made there, would create a
+// context on GPU 0 (hundreds of MB, on every rank). On such a thread the guard makes `device`
+// current (its context exists: the memory is on it) and leaves it so; elsewhere it switches
+// only when `device` is not current, and switches back.
+struct DeviceGuard {
+  int prev = -1;
+  explicit DeviceGuard(int device) {
+    if (device < 0) return;
+    if (!current_context()) {
+      failed(cudaSetDevice(device));
+      return;
+    }
+    int cur = -1;
+    if (failed(cudaGetDevice(&cur)) || cur == device) return;
+    if (!failed(cudaSetDevice(device))) prev = cur;
+  }
+  ~DeviceGuard() {
+    if (prev >= 0) failed(cudaSetDevice(prev));
+  }
+};
+}  // namespace
+
+// An event on `s`, for a block on `device`; false (nothing to destroy) where it failed.
+static bool event_record(Event* e, cudaStream_t s, int device) {
+  DeviceGuard guard(device);
+  if (failed(cudaEventCreateWithFlags(e, cudaEventDisableTiming))) return false;
+  if (failed(cudaEventRecord(*e, s))) {
+    failed(cudaEventDestroy(*e));
+    return false;
+  }
+  return true;
+}
+
+// Whether the work before an event has finished. Only success says so. Any other error means
+// "not yet" (cleared, asked again at the next poll): cudaEventQuery fails while another thread
+// captures a CUDA graph in global mode (cudaErrorStreamCaptureUnsupported, ...Implicit,
+// cudaErrorCapturedEvent...), and releasing then could hand out memory a stream still uses; a
+// block kept too long is only memory. A sticky error counts as passed: the context is dead,
+// nothing will run on it again, and waiting would only hold the block forever.
+static bool event_passed(Event e, int device) {
+  DeviceGuard guard(device);
+  cudaError_t r = cudaEventQuery(e);
+  if (r == cudaSuccess) return true;
+  if (r == cudaErrorNotReady) {
+    cudaGetLastError();
+    return false;
+  }
+  failed(r);
+  return sticky(r);
+}
+
+static void event_destroy(Event e, int device) {
+  DeviceGuard guard(device);
+  failed(cudaEventDestroy(e));
+}
+
+// Pool memory back on its stream. A free that fails (a destroyed stream, a dead context, CUDA
+// unloading at exit) leaks the block, counted: freeing it on another stream instead could hand
+// it out while work on its own stream still uses it.
+static void pool_free(void* p, cudaStream_t s, int device) {
+  DeviceGuard guard(device);
+  failed(cudaFreeAsync(p, s));
+}
+
+#ifdef MEMOPLAN_HOST_BACKEND
 static void* pool_alloc(size_t n, int, cudaStream_t, PoolFailure* f) {
   {
     std::lock_guard<std::mutex> lock(host_mu);
@@ -87,20 +331,10 @@ static void* pool_alloc(size_t n, int, cudaStream_t, PoolFailure* f) {
   }
   return p;
 }
-static void pool_free(void* p, cudaStream_t) { std::free(p); }
 static bool stream_capturing(cudaStream_t s) {
   std::lock_guard<std::mutex> lock(host_mu);
   return host_capture_on && s == host_capturing;
 }
-static bool event_record(Event* e, cudaStream_t s, int) {
-  *e = s;
-  return true;
-}
-static bool event_passed(Event e) {
-  std::lock_guard<std::mutex> lock(host_mu);
-  return host_busy.count(e) == 0;
-}
-static void event_destroy(Event) {}
 static void device_synchronize() {}
 static void pool_trim() {}
 static bool device_memory(int, size_t*, size_t*) { return false; }
@@ -108,31 +342,9 @@ static bool pool_reserved(int, int64_t*, int64_t*) { return false; }
 static void pool_reset_high() {}
 static int64_t pool_reserved_high(int) { return -1; }
 #else
-#include <cuda_runtime_api.h>
-#include <c10/util/Exception.h>
-typedef cudaEvent_t Event;
-
 namespace {
 const int kDevices = 64;
 std::atomic<bool> pool_used[kDevices];  // devices whose default pool this allocator configured
-
-struct DeviceGuard {  // makes `device` current for the scope
-  int prev = -1;
-  explicit DeviceGuard(int device) {
-    if (cudaGetDevice(&prev) != cudaSuccess) {
-      cudaGetLastError();
-      prev = -1;
-    } else if (prev == device) {
-      prev = -1;
-    } else if (cudaSetDevice(device) != cudaSuccess) {
-      cudaGetLastError();
-      prev = -1;
-    }
-  }
-  ~DeviceGuard() {
-    if (prev >= 0) cudaSetDevice(prev);
-  }
-};
 }  // namespace
 
 static void* pool_alloc(size_t n, int device, cudaStream_t s, PoolFailure* f) {
@@ -140,25 +352,26 @@ static void* pool_alloc(size_t n, int device, cudaStream_t s, PoolFailure* f) {
     // keep freed memory in the pool (the default threshold 0 hands it back to the driver at
     // every synchronisation, and the next step pays for cudaMalloc again; empty_cache trims)
     cudaMemPool_t pool;
-    if (cudaDeviceGetDefaultMemPool(&pool, device) == cudaSuccess) {
+    if (!failed(cudaDeviceGetDefaultMemPool(&pool, device))) {
       uint64_t keep = UINT64_MAX;
-      cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep);
+      failed(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
       // and never make a stream wait for another to reuse memory freed there (a compute-stream
       // request would otherwise wait for the copy streams, losing the overlap)
       int no = 0;
-      cudaMemPoolSetAttribute(pool, cudaMemPoolReuseAllowInternalDependencies, &no);
+      failed(cudaMemPoolSetAttribute(pool, cudaMemPoolReuseAllowInternalDependencies, &no));
     }
-    cudaGetLastError();
+    // the driver's entry point, fetched here, where a device is current (a runtime call on a
+    // thread without a context creates one)
+    ctx_get_current();
   }
   void* p = nullptr;
   cudaError_t e = cudaMallocAsync(&p, n, s);
   if (e == cudaSuccess) return p;
-  cudaGetLastError();
+  cudaGetLastError();  // reported as the request's failure (refused), not as a CUDA error
   f->oom = e == cudaErrorMemoryAllocation;
   f->what = std::string(cudaGetErrorName(e)) + ": " + cudaGetErrorString(e);
   return nullptr;
 }
-static void pool_free(void* p, cudaStream_t s) { cudaFreeAsync(p, s); }
 static bool stream_capturing(cudaStream_t s) {
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
   cudaError_t e = cudaStreamIsCapturing(s, &status);
@@ -169,57 +382,27 @@ static bool stream_capturing(cudaStream_t s) {
   }
   return status != cudaStreamCaptureStatusNone;
 }
-static bool event_record(Event* e, cudaStream_t s, int device) {
-  DeviceGuard guard(device);
-  if (cudaEventCreateWithFlags(e, cudaEventDisableTiming) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  if (cudaEventRecord(*e, s) != cudaSuccess) {
-    cudaGetLastError();
-    cudaEventDestroy(*e);
-    return false;
-  }
-  return true;
-}
-static bool event_passed(Event e) {
-  cudaError_t r = cudaEventQuery(e);
-  if (r == cudaErrorNotReady) {
-    cudaGetLastError();
-    return false;
-  }
-  if (r != cudaSuccess) cudaGetLastError();  // a broken context: nothing runs any more
-  return true;
-}
-static void event_destroy(Event e) { cudaEventDestroy(e); }
-static void device_synchronize() {
-  if (cudaDeviceSynchronize() != cudaSuccess) cudaGetLastError();
-}
+static void device_synchronize() { failed(cudaDeviceSynchronize()); }
 static void pool_trim() {  // every device's pool this allocator used: idle memory back to CUDA
   for (int d = 0; d < kDevices; ++d) {
     if (!pool_used[d]) continue;
     DeviceGuard guard(d);
     cudaMemPool_t pool;
     device_synchronize();  // frees still queued on a stream are not free yet
-    if (cudaDeviceGetDefaultMemPool(&pool, d) == cudaSuccess) cudaMemPoolTrimTo(pool, 0);
-    cudaGetLastError();
+    if (!failed(cudaDeviceGetDefaultMemPool(&pool, d))) failed(cudaMemPoolTrimTo(pool, 0));
   }
 }
 static bool device_memory(int device, size_t* free_b, size_t* total_b) {
   DeviceGuard guard(device);
-  if (cudaMemGetInfo(free_b, total_b) == cudaSuccess) return true;
-  cudaGetLastError();
-  return false;
+  return !failed(cudaMemGetInfo(free_b, total_b));
 }
 static bool pool_reserved(int device, int64_t* current, int64_t* high) {
   cudaMemPool_t pool;
   uint64_t c = 0, h = 0;
-  if (cudaDeviceGetDefaultMemPool(&pool, device) != cudaSuccess ||
-      cudaMemPoolGetAttribute(pool, cudaMemPoolAttrReservedMemCurrent, &c) != cudaSuccess ||
-      cudaMemPoolGetAttribute(pool, cudaMemPoolAttrReservedMemHigh, &h) != cudaSuccess) {
-    cudaGetLastError();
+  if (failed(cudaDeviceGetDefaultMemPool(&pool, device)) ||
+      failed(cudaMemPoolGetAttribute(pool, cudaMemPoolAttrReservedMemCurrent, &c)) ||
+      failed(cudaMemPoolGetAttribute(pool, cudaMemPoolAttrReservedMemHigh, &h)))
     return false;
-  }
   *current = (int64_t)c;
   *high = (int64_t)std::max(c, h);
   return true;
@@ -228,9 +411,8 @@ static void pool_reset_high() {
   for (int d = 0; d < kDevices; ++d) {
     cudaMemPool_t pool;
     uint64_t zero = 0;  // the only value the high-water mark can be reset to
-    if (pool_used[d] && cudaDeviceGetDefaultMemPool(&pool, d) == cudaSuccess)
-      cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReservedMemHigh, &zero);
-    cudaGetLastError();
+    if (pool_used[d] && !failed(cudaDeviceGetDefaultMemPool(&pool, d)))
+      failed(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReservedMemHigh, &zero));
   }
 }
 static int64_t pool_reserved_high(int device) {
@@ -260,6 +442,7 @@ struct Alloc {  // one live allocation
 
 struct Waiting {  // a freed allocation kept until the work its streams had queued has passed
   void* ptr;
+  int device;
   std::vector<Event> events;
   bool stuck;  // an event could not be recorded: never reused
 };
@@ -296,9 +479,11 @@ struct State {
   int64_t arena_block_bytes = 0, arena_size_peak = 0, total_peak = 0;
 };
 
+// Never destroyed, on purpose (as PyTorch's allocators): a static would be destroyed at exit
+// before libtorch's, whose destructors may still free tensors here.
 State& S() {
-  static State s;
-  return s;
+  static State* s = new State;
+  return *s;
 }
 
 // Bytes of live tensors: pool allocations other than arena buffers, and planned tensors.
@@ -351,10 +536,11 @@ void release(State& s, void* ptr) {
   auto pit = s.pooled.find(ptr);
   if (pit == s.pooled.end()) return;
   cudaStream_t stream = pit->second.stream;
+  int device = pit->second.device;
   s.pool_bytes -= pit->second.size;
   if (s.arena_blocks.erase(ptr)) s.arena_block_bytes -= pit->second.size;
   s.pooled.erase(pit);
-  pool_free(ptr, stream);
+  pool_free(ptr, stream, device);
 }
 
 // Release the freed allocations whose streams have passed their events (never waits).
@@ -363,9 +549,9 @@ void reap(State& s) {
   for (size_t i = 0; i < s.waiting.size(); ++i) {
     Waiting& w = s.waiting[i];
     bool passed = !w.stuck;
-    for (Event e : w.events) passed = passed && event_passed(e);
+    for (Event e : w.events) passed = passed && event_passed(e, w.device);
     if (passed) {
-      for (Event e : w.events) event_destroy(e);
+      for (Event e : w.events) event_destroy(e, w.device);
       release(s, w.ptr);
     } else {
       s.waiting[kept++] = w;
@@ -552,21 +738,20 @@ void* mp_torch_malloc(ssize_t size, int device, cudaStream_t stream) {
 
 void mp_free(void* ptr, ssize_t size, int device, cudaStream_t stream) {
   (void)size;
-  (void)device;
   if (!ptr) return;
   State& s = S();
   std::lock_guard<std::mutex> lock(s.mu);
   reap(s);
   Alloc* a = find(s, ptr);
   if (!a) {  // not one of ours
-    pool_free(ptr, stream);
+    pool_free(ptr, stream, device);
     return;
   }
   if (a->uses.empty()) {  // arena: reusable by later work on its stream; pool: stream-ordered
     release(s, ptr);
     return;
   }
-  Waiting w{ptr, {}, false};
+  Waiting w{ptr, a->device, {}, false};
   for (cudaStream_t other : a->uses) {
     Event e;
     if (event_record(&e, other, a->device)) w.events.push_back(e); else w.stuck = true;
@@ -696,14 +881,14 @@ void mp_unreserve(int64_t offset) {
 
 // Counters, in this order: planned, shifted, unplanned, outside, pool bytes, pool peak,
 // arena live, arena peak, live arena allocations, placed in a phase's block, refused,
-// freed allocations waiting for their streams.
+// freed allocations waiting for their streams, failed CUDA calls (cleared).
 void mp_stats(int64_t* out) {
   State& s = S();
   std::lock_guard<std::mutex> lock(s.mu);
   int64_t v[] = {s.planned, s.shifted, s.unplanned, s.outside, s.pool_bytes, s.pool_peak,
                  s.arena_live, s.arena_peak, (int64_t)s.live.size(), s.in_block, s.refused,
-                 (int64_t)s.waiting.size()};
-  for (int i = 0; i < 12; ++i) out[i] = v[i];
+                 (int64_t)s.waiting.size(), cuda_errors.load()};
+  for (int i = 0; i < 13; ++i) out[i] = v[i];
 }
 
 // Memory, for the arena, the pool and in total, each as allocated, allocated peak, reserved,
@@ -771,6 +956,47 @@ void mp_test_set_capturing(cudaStream_t stream, int on) {
 void mp_test_set_pool_cap(int64_t bytes) {
   std::lock_guard<std::mutex> lock(host_mu);
   host_pool_cap = bytes;
+}
+
+// CUDA calls on `stream` (event records and queries, frees) fail with `error` (0: succeed).
+void mp_test_set_stream_error(cudaStream_t stream, int error) {
+  std::lock_guard<std::mutex> lock(host_mu);
+  if (error) host_stream_error[stream] = error; else host_stream_error.erase(stream);
+}
+
+// The error this thread's next cudaGetLastError would return (0: none pending).
+int mp_test_pending_error() { return host_last; }
+
+// This thread uses CUDA on `device` (cudaSetDevice).
+void mp_test_set_device(int device) { cudaSetDevice(device); }
+
+// This thread's current device, -1 where it has no context.
+int mp_test_current_device() { return host_has_context ? host_device : -1; }
+
+// The devices a context was created on, as a bit mask.
+int64_t mp_test_contexts() {
+  std::lock_guard<std::mutex> lock(host_mu);
+  int64_t mask = 0;
+  for (int d : host_contexts) mask |= int64_t(1) << d;
+  return mask;
+}
+
+// Stands in for a libtorch static that frees a tensor at exit: the first call creates a static
+// (destroyed after everything created later), the next ones set the block its destructor frees
+// on device 0's default stream; it then prints the pool bytes still allocated.
+void mp_test_free_at_exit(void* ptr) {
+  static struct AtExit {
+    void* ptr = nullptr;
+    ~AtExit() {
+      if (!ptr) return;
+      mp_free(ptr, 0, 0, nullptr);
+      int64_t v[13];
+      mp_stats(v);
+      std::printf("freed at exit; pool bytes %lld\n", (long long)v[4]);
+      std::fflush(stdout);
+    }
+  } at_exit;
+  at_exit.ptr = ptr;
 }
 #endif
 
