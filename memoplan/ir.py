@@ -9,7 +9,7 @@ memoplan builds these dicts by hand. ``PROFILE_SCHEMA`` versions the profile fil
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from memoplan.errors import MemoplanError
 
@@ -313,7 +313,89 @@ def _profile_from_json(d: dict) -> Profile:
 
 # ---- the plan (written by ``memoplan solve``; docs/plan-schema.md) ---------------------------
 
-PLAN_SCHEMA = "memoplan.plan/1"
+PLAN_SCHEMA = "memoplan.plan/2"
+
+
+PHASES = ("forward", "backward", "recompute")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuntimeSaved:
+    """How the runtime treats one saved tensor (by the name of the node that makes it)."""
+
+    name: str
+    kind: str
+    token_wise: bool
+    seq_axis: int | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class PhaseScript:
+    """What the planned allocator places where while one layer runs one phase.
+
+    ``slots``: (bytes, arena offset) of each request of the phase in order (offset -1: the
+    pool serves it); ``region``: (offset, bytes) of the block where the requests no slot
+    places go first-fit (the workspace for recomputing dropped tokens), or None.
+    """
+
+    slots: tuple[tuple[int, int], ...] = ()
+    region: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuntimeLayer:
+    """The part of a plan the runtime reads, written by ``memoplan solve`` and checked once at
+    load: the layer's graph (to check its own trace against, and for ``memoplan emit``), how
+    each saved tensor is handled, the arena blocks its own buffers live in, and per (phase,
+    layer) the planned allocator's script. The runtime places nothing the plan does not say."""
+
+    saved: tuple[RuntimeSaved, ...]
+    nodes: tuple[dict, ...]                 # the forward graph's nodes (docs/plan-schema.md)
+    segments: tuple[dict, ...]
+    trace_seq: int                          # the length the nodes' shapes were traced at
+    # arena blocks of the runtime's own buffers: name -> (offset, bytes, bytes claimed later)
+    arena: dict[str, tuple[int, int, int]]
+    scripts: dict[str, tuple[PhaseScript, ...]]  # phase -> one script per layer
+
+    def script(self, phase: str, index: int) -> PhaseScript:
+        return self.scripts[phase][index]
+
+    def to_json(self) -> dict:
+        return {"saved": [asdict(t) for t in self.saved], "nodes": list(self.nodes),
+                "segments": list(self.segments), "trace_seq": self.trace_seq,
+                "arena": {k: list(v) for k, v in self.arena.items()},
+                "scripts": {ph: [{"slots": [list(x) for x in sc.slots],
+                                  "region": list(sc.region) if sc.region else None}
+                                 for sc in scripts] for ph, scripts in self.scripts.items()}}
+
+    @classmethod
+    def from_json(cls, d: dict, n_layers: int) -> RuntimeLayer:
+        """Checked: every phase has one script per layer, every slot and block is a pair or
+        triple of whole numbers, every node names its op and class."""
+        def ints(x: Any, n: int, what: str) -> tuple[int, ...]:
+            if not isinstance(x, (list, tuple)) or len(x) != n or not all(
+                    isinstance(v, int) and not isinstance(v, bool) for v in x):
+                raise ValueError(f"{what} must be {n} whole numbers, got {x!r}")
+            return tuple(x)
+
+        scripts = {}
+        for ph in PHASES:
+            per_layer = d["scripts"][ph]
+            if len(per_layer) != n_layers:
+                raise ValueError(f"scripts.{ph} has {len(per_layer)} entries for {n_layers} "
+                                 f"layers")
+            scripts[ph] = tuple(PhaseScript(
+                slots=tuple(ints(x, 2, f"a {ph} slot") for x in sc["slots"]),
+                region=ints(sc["region"], 2, f"a {ph} region") if sc["region"] else None)
+                for sc in per_layer)
+        nodes = tuple(d["nodes"])
+        for n in nodes:
+            if not all(k in n for k in ("name", "target", "class", "axes")):
+                raise ValueError(f"a graph node lacks name/target/class/axes: {n!r}")
+        return cls(saved=tuple(RuntimeSaved(**t) for t in d["saved"]), nodes=nodes,
+                   segments=tuple(d.get("segments", ())), trace_seq=int(d["trace_seq"]),
+                   arena={k: ints(v, 3, f"arena block {k!r}") for k, v in d["arena"].items()},
+                   scripts=scripts)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -420,7 +502,7 @@ class Plan:
     levels: dict[str, LevelPlan]
     predicted: Prediction
     solver: dict
-    layer: dict          # what the runtime needs of the profile: saved tensors and graph nodes
+    layer: RuntimeLayer  # what the runtime reads (see RuntimeLayer)
     notes: tuple[str, ...] = ()
     schema: str = PLAN_SCHEMA
     pool_bytes: int = 0  # allocated outside the arena (embedding output, logits, loss), per GPU
@@ -446,7 +528,7 @@ class Plan:
             "levels": {k: level(v) for k, v in self.levels.items()},
             "predicted": asdict(self.predicted),
             "solver": self.solver,
-            "layer": self.layer,
+            "layer": self.layer.to_json(),
             "notes": list(self.notes),
         }
 
@@ -466,7 +548,7 @@ class Plan:
                        state_bytes=int(d["state_bytes"]), levels=levels,
                        pool_bytes=int(d.get("pool_bytes", 0)),
                        predicted=Prediction(**d["predicted"]), solver=d["solver"],
-                       layer=d["layer"],
+                       layer=RuntimeLayer.from_json(d["layer"], len(d["layers"])),
                        notes=tuple(d.get("notes", ())))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise MemoplanError(

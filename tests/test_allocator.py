@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from conftest import EXAMPLES
 from memoplan.errors import MemoplanError
 from memoplan.hardware import get_hardware
+from memoplan.ir import Steps
 from memoplan.runtime import allocator
 from memoplan.solve import SolveConfig, solve_plan
 from memoplan.trace import ProfileConfig, profile_model
@@ -113,17 +114,17 @@ def test_a_plan_replays_at_its_addresses_beside_the_rest_of_the_iteration(alloc,
     prof, plan = solved
     n = len(plan.layers)
     it = plan.levels["iteration"]
-    step = {"forward": lambda i: 1 + i, "backward": lambda i: n + 2 + (n - 1 - i)}[phase]
+    step = {"forward": Steps(n).forward, "backward": Steps(n).backward}[phase]
     exact = prof.layer.requests_forward if phase == "forward" else prof.layer.requests_backward
     for i in range(n):
         r = Replay(alloc, plan.arena_bytes)
         # every other block live at this step is held (as the runtime and earlier layers would)
         own = {f"fwd[{i}]", f"round[{i}]", f"hidden[{i + 1}]"} if phase == "forward" \
-            else {f"bwd[{i}]"}
+            else {f"bwd[{i}]", f"grad[{i}]"}
         for name, (start, end) in it.lifetimes.items():
             if start <= step(i) < end and name not in own:
                 r.reserve(it.offsets[name], it.sizes[name])
-        slots = allocator.phase_slots(plan, phase, i)
+        slots = list(plan.layer.script(phase, i).slots)
         before = alloc.stats()
         alloc.begin(COMPUTE, slots)
         mallocs = 0
@@ -759,8 +760,7 @@ def test_the_runtimes_own_request_stream_follows_the_plan(alloc, name):
         loss.backward()
     counts = _delta(alloc, before)
     n = len(plan.layers)
-    phase_mallocs = n * sum(sum(op == "malloc" for op, _, _ in plan.layer["requests"][ph])
-                            for ph in ("forward", "backward"))
+    phase_mallocs = n * sum(len(plan.layer.script(ph, 0).slots) for ph in ("forward", "backward"))
     assert counts["planned"] == phase_mallocs, counts
     assert counts["shifted"] == counts["unplanned"] == counts["missed"] == 0, counts
     assert counts["in_block"] > 0  # the recomputation of dropped tokens: in recompute[i]

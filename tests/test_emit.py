@@ -71,11 +71,12 @@ def test_hostile_names_cannot_inject_code(tmp_path):
     assert mod.LAYER_CLASS == evil and not (tmp_path / "PWNED").exists()
     # names and ops that are not plain identifiers / op paths are refused, not rendered
     for field, value in (("name", "x = 1; import os #"), ("target", "os.system('x')#.a.b")):
-        nodes = [dict(n) for n in plan.layer["nodes"]]
+        nodes = [dict(n) for n in plan.layer.nodes]
         i = next(i for i, n in enumerate(nodes) if n["class"] != "placeholder")
         nodes[i][field] = value
         with pytest.raises(MemoplanError, match="refusing to generate code"):
-            emit_module(dataclasses.replace(plan, layer={**plan.layer, "nodes": nodes}))
+            emit_module(dataclasses.replace(
+                plan, layer=dataclasses.replace(plan.layer, nodes=tuple(nodes))))
 
 
 def test_generated_forward_graph_and_segments_compute_what_the_layer_computes(tmp_path):
@@ -89,14 +90,14 @@ def test_generated_forward_graph_and_segments_compute_what_the_layer_computes(tm
         expected = layer(*args, **kwargs)
         params = [p for p in layer.parameters()] + [b for b in layer.buffers()]
         values = mod.forward_graph(*params, *args)
-    outputs = [n["name"] for n in plan.layer["nodes"] if n.get("output")]
+    outputs = [n["name"] for n in plan.layer.nodes if n.get("output")]
     assert len(outputs) == 1
     torch.testing.assert_close(values[outputs[0]], expected, rtol=0, atol=0)
     checked = 0
-    for seg in plan.layer["segments"]:
+    for seg in plan.layer.segments:
         fn = getattr(mod, f"segment_{seg['id']}")
         env = {**{n["name"]: v for n, v in zip(
-            [n for n in plan.layer["nodes"] if n["class"] == "placeholder" and n["role"] != "grad_out"],
+            [n for n in plan.layer.nodes if n["class"] == "placeholder" and n["role"] != "grad_out"],
             [*params, *args])}, **values}
         with torch.no_grad():
             got = fn(*(env[i] for i in seg["inputs"]))
@@ -125,7 +126,7 @@ def test_cli_emit_and_solve_emit(cli, tmp_path):
     assert r.exit_code == 0, r.output
     assert out.read_text() == (GOLDEN / "runtime_plan_llama_tiny.py").read_text()
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"schema": "memoplan.plan/1"}))
+    bad.write_text(json.dumps({"schema": "memoplan.plan/2"}))
     r = cli("emit", bad, "-o", tmp_path / "x.py")
     assert r.exit_code == 2 and "malformed" in r.output and not (tmp_path / "x.py").exists()
     profile = ROOT / "examples" / "profiles" / "llama_tiny.json"

@@ -270,7 +270,7 @@ def test_plot_command_writes_every_picture(cli, plan_file, snapshot_file, tmp_pa
 ])
 def test_bad_inputs_exit_2_with_a_message(cli, plan_file, tmp_path, args, message):
     corrupt = tmp_path / "corrupt.json"
-    corrupt.write_text('{"schema": "memoplan.plan/1", "lev')
+    corrupt.write_text('{"schema": "memoplan.plan/2", "lev')
     foreign = tmp_path / "foreign.json"
     foreign.write_text('{"schema": "someone.else/3"}')
     files = {"missing": tmp_path / "nope.json", "corrupt": corrupt, "foreign": foreign,

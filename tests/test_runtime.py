@@ -200,12 +200,12 @@ def test_plans_that_do_not_match_are_refused(plans, tmp_path):
 
 def test_a_graph_that_differs_from_the_profile_is_refused(plans):
     plan = plans["llama"]
-    nodes = [dict(n) for n in plan.layer["nodes"]]
+    nodes = [dict(n) for n in plan.layer.nodes]
     first_call = next(i for i, n in enumerate(nodes) if n["class"] != "placeholder")
     nodes[first_call]["target"] = "aten.some_gpu_kernel.default"
     mod = _module("llama")
     model = mod.build_model()
-    apply(model, dataclasses.replace(plan, layer={**plan.layer, "nodes": nodes}))
+    apply(model, dataclasses.replace(plan, layer=dataclasses.replace(plan.layer, nodes=tuple(nodes))))
     with pytest.raises(MemoplanError, match="differs from the profiled layer"):
         _loss(mod, model, 64)
 

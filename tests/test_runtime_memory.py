@@ -210,8 +210,8 @@ def test_the_runtime_drives_the_planned_allocator_phases(monkeypatch):
     assert len(warm) == len(runner.warmed) <= 2  # the main thread, maybe autograd's
     fake.calls = [c for c in fake.calls if c[0] != "warm"]
     n = len(plan.layers)
-    mallocs = {ph: sum(r[0] == "malloc" for r in plan.layer["requests"][ph])
-               for ph in ("forward", "backward")}
+    mallocs = {ph: len(plan.layer.script(ph, 0).slots) for ph in ("forward", "backward")}
+    assert mallocs["forward"] == sum(r[0] == "malloc" for r in prof.layer.requests_forward)
     assert fake.calls[0] == ("arena", runner.arena.buffer.data_ptr() + 512, plan.arena_bytes)
     phases = [c for c in fake.calls[1:]]
     # one forward phase per layer, then per layer a recompute phase (no script: first-fit in
@@ -225,7 +225,7 @@ def test_the_runtime_drives_the_planned_allocator_phases(monkeypatch):
                                     ("end",))]
     assert fake.reserved == {}  # every prefetch block reserved was given back
     for i in range(n):
-        slots = allocator.phase_slots(plan, "forward", i)
+        slots = plan.layer.script("forward", i).slots
         assert len(slots) == mallocs["forward"] and any(o >= 0 for _, o in slots)
     s = runtime.stats(model)
     assert s["layer_calls"] == n and s["arena_views"] > 0 and s["allocator"] == {"planned": 0}

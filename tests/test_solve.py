@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import EXAMPLES, ROOT
-from memoplan.errors import InfeasibleError
+from memoplan.errors import InfeasibleError, MemoplanError
 from memoplan.hardware import get_hardware
 from memoplan.ir import Plan, Profile
 from memoplan.solve import SolveConfig, solve_plan
@@ -219,7 +219,7 @@ def test_cli_solve_1m_on_8_gpus(cli, tiny_file, tmp_path):
     r = cli("solve", tiny_file, "--seq", "1M", "--gpus", "8", "--time-limit", "5", "-o", out, "-q")
     assert r.exit_code == 0, r.output
     d = json.loads(out.read_text())
-    assert d["schema"] == "memoplan.plan/1"
+    assert d["schema"] == "memoplan.plan/2"
     assert d["config"]["tokens_per_gpu"] == 131072 and d["config"]["seq"] == 1 << 20
     for key in ("profile_hash", "layers", "arena_bytes", "levels", "lower_bound_bytes",
                 "predicted", "solver"):
@@ -325,3 +325,32 @@ def test_cli_solve_defaults_to_auto_keep_last(cli, tiny_file, tmp_path):
     d = json.loads(out.read_text())
     assert {l["mode"] for l in d["layers"]} == {"keep"}
     assert d["pool_bytes"] > 0
+
+
+def test_the_runtime_part_is_checked_once_at_load(tiny, tmp_path):
+    """What the runtime places where is written by solve, per (phase, layer), and checked when
+    the plan is read: a slip is a clear error then, never "nothing planned" in the run."""
+    from memoplan.jsonio import load_plan
+
+    plan = solve_plan(tiny, _cfg(8192))
+    n = len(plan.layers)
+    assert all(len(plan.layer.scripts[ph]) == n for ph in ("forward", "backward", "recompute"))
+    fwd = plan.layer.script("forward", 0)
+    assert fwd.slots and any(off >= 0 for _, off in fwd.slots)
+    assert set(plan.layer.arena) == {k for k in plan.levels["iteration"].offsets
+                                     if k.startswith(("prefetch[", "split["))}
+    good = plan.to_json()
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(good))
+    assert load_plan(path) == plan
+    for breakage, said in (
+            (lambda d: d["layer"]["scripts"]["backward"].pop(), "entries for"),
+            (lambda d: d["layer"]["scripts"]["forward"][0]["slots"].append([1, 2, 3]), "slot"),
+            (lambda d: d["layer"]["arena"].update({"prefetch[0]": [0, "x", 0]}), "arena block"),
+            (lambda d: d["layer"].pop("scripts"), "scripts"),
+            (lambda d: d.update(schema="memoplan.plan/1"), "memoplan.plan/1")):
+        d = json.loads(json.dumps(good))
+        breakage(d)
+        path.write_text(json.dumps(d))
+        with pytest.raises(MemoplanError, match=said):
+            load_plan(path)

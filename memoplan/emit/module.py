@@ -114,13 +114,13 @@ def _function(name: str, doc: str, params: list[str], body: list[str], returns: 
 
 def emit_module(plan: Plan) -> str:
     """The generated module's source text."""
-    nodes = plan.layer["nodes"]
-    if any("args" not in n for n in nodes) or "trace_seq" not in plan.layer:
+    nodes = plan.layer.nodes
+    if any("args" not in n for n in nodes):
         raise MemoplanError("This plan's profile predates code emission (its graph carries no "
                             "arguments). Run 'memoplan profile' and 'memoplan solve' again.")
     placeholders = [n for n in nodes if n["class"] == "placeholder" and n["role"] != "grad_out"]
     calls = [n for n in nodes if n["class"] != "placeholder"]
-    segments = plan.layer.get("segments", [])
+    segments = plan.layer.segments
     member = {name: s["id"] for s in segments for name in s["nodes"]}
     c = plan.config
     out: list[str] = [
@@ -159,7 +159,7 @@ def emit_module(plan: Plan) -> str:
         out.append(f"{level.upper()}_OFFSETS = {{"
                    + ", ".join(f"{k!r}: {int(v)!r}" for k, v in lp.offsets.items()) + "}")
     out += ["", ""]
-    trace_seq = plan.layer.get("trace_seq")
+    trace_seq = plan.layer.trace_seq
     axes = {n["name"]: n["axes"] for n in nodes}
     params = [_ident(p["name"]) for p in placeholders]
     body: list[str] = []

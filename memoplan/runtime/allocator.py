@@ -333,64 +333,6 @@ class PlanAllocator:
         return [(out[2 * i], out[2 * i + 1]) for i in range(min(n, cap))]
 
 
-def phase_slots(plan, phase: str, index: int,
-                input_grads: frozenset[str] = frozenset()) -> list[tuple[int, int]]:
-    """The (size, arena offset) of every malloc of layer ``index``'s ``phase`` ("forward" or
-    "backward"), in request order, from the plan; -1 where the plan places nothing (the pool
-    serves it).
-
-    Forward: transients at their level-1 offset inside the layer's ``fwd[i]`` block, the saved
-    tensors one after the other in ``round[i]``, the output in the next layer's ``hidden``
-    block. Backward: transients inside ``bwd[i]``; the gradient of the layer's input (a
-    backward output named in ``input_grads``) in ``grad[i]``, where it lives until the layer
-    below has used it; parameter gradients in the pool (they become ``.grad`` and outlive the
-    iteration: model states, outside the arena).
-    """
-    if phase == "recompute":  # no trace lists its requests: see phase_block
-        return []
-    it, level = plan.levels["iteration"], plan.levels[phase]
-    block = lambda name: (it.offsets.get(name), it.sizes.get(name, 0))  # noqa: E731
-    base, _ = block(f"{'fwd' if phase == 'forward' else 'bwd'}[{index}]")
-    skeletal = set(plan.layer.get("skeletal", ()))
-    outputs = set(plan.layer.get("outputs", ()))
-    grads = {int(tid): name for tid, name in plan.layer.get("grads", ())}
-    rounding, hidden, grad = block(f"round[{index}]"), block(f"hidden[{index + 1}]"), \
-        block(f"grad[{index}]")
-    used = out_used = 0
-    seen: dict[int, int] = {}
-    slots = []
-    for op, tid, size in plan.layer.get("requests", {}).get(phase, ()):
-        if op != "malloc":
-            continue
-        n = seen[tid] = seen.get(tid, -1) + 1
-        key = str(tid) if n == 0 else f"{tid}#{n}"  # ids reused after a free (see dsa)
-        offset = -1
-        if tid in grads:
-            if grads[tid] in input_grads and grad[0] is not None and size <= grad[1]:
-                offset, grad = grad[0], (None, 0)
-        elif phase == "forward" and tid in outputs:  # level 1 has it too, till the phase ends
-            if hidden[0] is not None and out_used + size <= hidden[1]:
-                offset, out_used = hidden[0] + out_used, out_used + size
-        elif phase == "forward" and tid in skeletal:
-            if rounding[0] is not None and used + size <= rounding[1]:
-                offset, used = rounding[0] + used, used + size
-        elif key in level.offsets and base is not None:
-            offset = base + level.offsets[key]
-        slots.append((size, offset))
-    return slots
-
-
-def phase_block(plan, phase: str, index: int) -> tuple[int, int] | None:
-    """(offset, size) of the block where layer ``index``'s ``phase`` places, first-fit, the
-    requests its slots do not: the ``recompute[i]`` workspace while the layer's dropped tokens
-    (or, for a checkpointed layer, its whole forward) are recomputed; None for other phases."""
-    it = plan.levels["iteration"]
-    name = f"recompute[{index}]"
-    if phase != "recompute" or name not in it.offsets or not it.sizes.get(name):
-        return None
-    return it.offsets[name], it.sizes[name]
-
-
 def install_allocator() -> PlanAllocator:
     """Route every CUDA allocation of this process through memoplan's planned allocator.
 

@@ -66,7 +66,6 @@ class _Runner:
         self.copier = Copier([l.alpha for l in plan.layers if l.mode == "offload"])
         self.use_arena = use_arena
         self.arena: Arena | None = None
-        self.slots: dict[tuple[str, int], list[tuple[int, int]]] = {}  # planned allocator script
         self.programs: OrderedDict[tuple, LayerProgram] = OrderedDict()  # see _program
         self.calls = 0
         self.tracing = False  # while True, wrapped layers run their original forward
@@ -111,9 +110,7 @@ class _Runner:
         if planner is None:
             yield
             return
-        if (phase, index) not in self.slots:
-            self.slots[phase, index] = allocator.phase_slots(
-                self.plan, phase, index, frozenset(prog.input_grad_names))
+        script = self.plan.layer.script(phase, index)  # what the plan places where
         # a phase is keyed on (device, stream): the default stream is 0 on every device (a CPU
         # run, the tests' host-built allocator, is device 0, stream 0)
         stream, where = 0, 0
@@ -124,9 +121,8 @@ class _Runner:
         if key not in self.warmed:  # before this thread's first phase on this stream
             self.warmed.add(key)
             warm_libraries(device)
-        planner.begin(stream, self.slots[phase, index],
-                      align=int(self.plan.config.get("align", 512)),
-                      block=allocator.phase_block(self.plan, phase, index), device=where)
+        planner.begin(stream, list(script.slots), align=int(self.plan.config.get("align", 512)),
+                      block=script.region, device=where)
         try:
             yield
         finally:
@@ -145,7 +141,7 @@ def prepare(model: torch.nn.Module, seq_len: int | None = None,
         plan = runner.plan
         planned = int(plan.config.get("tokens_per_gpu") or plan.config["seq"])
         seq = seq_len or planned
-        copied = sum(t["kind"] != "shared" for t in plan.layer.get("saved", ()))
+        copied = sum(t.kind != "shared" for t in plan.layer.saved)
         total = 0
         for l in plan.layers:
             if l.mode == "offload":  # host bytes scale with the tokens; each buffer aligned

@@ -122,10 +122,9 @@ class Arena:
 
     @classmethod
     def for_plan(cls, plan, device: torch.device) -> Arena:
-        it = plan.levels["iteration"]
-        blocks = {name: (it.offsets[name], it.sizes[name]) for name in it.offsets}
-        return cls(blocks, plan.arena_bytes, device,
-                   {name: grow for name, (grow, _) in it.grows.items()})
+        blocks = plan.layer.arena  # the runtime's own buffers: prefetch[i], split[i]:NAME
+        return cls({name: (at, size) for name, (at, size, _) in blocks.items()}, plan.arena_bytes,
+                   device, {name: grow for name, (_, _, grow) in blocks.items() if grow})
 
     def start(self) -> None:
         """Allocate the arena (once) and hand it to the planned allocator, if any."""

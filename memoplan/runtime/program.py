@@ -2,7 +2,7 @@
 
 Built once per input signature (shapes, dtypes, devices, autocast state) when a wrapped layer is
 first called. The layer is traced again here, on the device it runs on, and its forward graph
-must match the profiled one op for op (``plan.layer["nodes"]``): the token axes and token-wise
+must match the profiled one op for op (``plan.layer.nodes``): the token axes and token-wise
 classes of the profile then apply, and a layer that changed, or a device whose kernels differ
 from the profiled ones, is refused with a message instead of executed wrongly.
 """
@@ -17,6 +17,7 @@ import torch.fx as fx
 from torch.utils import _pytree as pytree
 
 from memoplan.errors import MemoplanError
+from memoplan.ir import RuntimeLayer
 from memoplan.trace.graph import LayerTrace, release_after, trace_layer
 
 
@@ -79,12 +80,12 @@ class LayerProgram:
         return self.trace.backward_nodes
 
 
-def build_program(layer: torch.nn.Module, args: tuple, kwargs: dict, plan_layer: dict,
+def build_program(layer: torch.nn.Module, args: tuple, kwargs: dict, plan_layer: RuntimeLayer,
                   layer_name: str) -> LayerProgram:
     """Trace ``layer`` on these arguments and match it against the plan's profiled graph."""
     tr = trace_layer(layer, args, kwargs, seq_len=-1, layer_name=layer_name, real=False)
     _check_same_graph(tr, plan_layer, layer_name)
-    nodes = {n["name"]: n for n in plan_layer["nodes"]}
+    nodes = {n["name"]: n for n in plan_layer.nodes}
     classes = {name: n["class"] for name, n in nodes.items()}
     axes = {name: [tuple(a) for a in n["axes"]] for name, n in nodes.items()}
     placeholders = [n for n in tr.gm.graph.nodes if n.op == "placeholder"]
@@ -96,7 +97,7 @@ def build_program(layer: torch.nn.Module, args: tuple, kwargs: dict, plan_layer:
                     and a.name not in read:
                 read.append(a.name)
     creator_of = {name: c.name for name, c in tr.creators().items()}
-    saved = {t["name"]: t for t in plan_layer["saved"]}
+    saved = {t.name: t for t in plan_layer.saved}
     handling: dict[str, Handling] = {}
     for name in read:
         c = creator_of.get(name, name)
@@ -105,9 +106,9 @@ def build_program(layer: torch.nn.Module, args: tuple, kwargs: dict, plan_layer:
             handling[c] = Handling(creator=c, how="state")
         elif role == "shared":
             handling[c] = Handling(creator=c, how="shared")
-        elif c in saved and saved[c]["kind"] == "other" and saved[c]["token_wise"] \
-                and saved[c]["seq_axis"] is not None:
-            handling[c] = Handling(creator=c, how="split", axis=int(saved[c]["seq_axis"]))
+        elif c in saved and saved[c].kind == "other" and saved[c].token_wise \
+                and saved[c].seq_axis is not None:
+            handling[c] = Handling(creator=c, how="split", axis=saved[c].seq_axis)
         else:
             handling[c] = Handling(creator=c, how="whole")
     primary = next(p.name for p in placeholders if tr.roles[p.name] == "primary")
@@ -159,9 +160,9 @@ def _layer_output(layer: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
         return layer(*fa, **fk)
 
 
-def _check_same_graph(tr: LayerTrace, plan_layer: dict, layer_name: str) -> None:
+def _check_same_graph(tr: LayerTrace, plan_layer: RuntimeLayer, layer_name: str) -> None:
     here = [(n.name, str(n.target)) for n in tr.forward_nodes]  # op for op, in order
-    there = [(n["name"], n["target"]) for n in plan_layer["nodes"] if n["class"] != "placeholder"]
+    there = [(n["name"], n["target"]) for n in plan_layer.nodes if n["class"] != "placeholder"]
     if here == there:
         return
     k = next((i for i, (a, b) in enumerate(zip(here, there)) if a != b), min(len(here), len(there)))

@@ -11,6 +11,7 @@ from memoplan.solve.config import SolveConfig
 from memoplan.solve.dsa import solve_greedy
 from memoplan.solve.levels import head_bytes, level1, level2, level2_blocks, pool_bytes, pool_parts
 from memoplan.solve.mip_dsa import MIP_MISSING
+from memoplan.solve.scripts import runtime_layer
 from memoplan.solve.swap import decide_swaps, per_gpu_bytes, predict
 from memoplan.units import fmt_bytes
 
@@ -94,7 +95,9 @@ def solve_plan(profile: Profile, cfg: SolveConfig, *,
                 "alpha_forced": decision.forced, "alpha_pcie": decision.alpha_pcie,
                 "alpha_host": decision.alpha_host, "host_fallback": decision.fallback,
                 "pool_parts": parts},
-        layer=runtime_layer(profile, cfg), notes=tuple(notes))
+        layer=runtime_layer(profile, cfg, {"forward": fwd, "backward": bwd, "iteration": it},
+                            decision.layers),
+        notes=tuple(notes))
 
 
 def auto_keep_last(profile: Profile, cfg: SolveConfig, fwd_peak: int, bwd_peak: int) -> int:
@@ -121,22 +124,3 @@ def auto_keep_last(profile: Profile, cfg: SolveConfig, fwd_peak: int, bwd_peak: 
         else:
             hi = mid - 1
     return lo
-
-
-def runtime_layer(profile: Profile, cfg: SolveConfig) -> dict:
-    """The part of the profile that the runtime reads: how each saved tensor is handled, the
-    forward graph it checks its own trace against, and the request order of a forward and a
-    backward at the planned length (one GPU's bytes), which the planned allocator replays."""
-    full = profile.to_json()["layer"]
-    sized = lambda reqs: [[op, tid, per_gpu_bytes(tensors[tid].law.at(cfg.seq), cfg)]  # noqa: E731
-                          for op, tid, _ in reqs]
-    tensors = {t.id: t for t in profile.layer.tensors}
-    return {"saved": [{k: t[k] for k in ("name", "kind", "token_wise", "seq_axis")}
-                      for t in full["saved"]],
-            "nodes": full["nodes"], "segments": full["segments"],
-            "trace_seq": profile.seq_lens[0],  # the length the nodes' shapes were traced at
-            "requests": {"forward": sized(profile.layer.requests_forward),
-                         "backward": sized(profile.layer.requests_backward)},
-            "skeletal": sorted(t.id for t in profile.layer.tensors if t.role == "skeletal"),
-            "outputs": sorted(t.id for t in profile.layer.tensors if t.role == "output"),
-            "grads": [[t.id, t.name] for t in profile.layer.tensors if t.role == "grad"]}

@@ -1,0 +1,80 @@
+"""The runtime's part of a plan: what it places where, per (phase, layer), read and not rebuilt.
+
+- ``scripts``: for each layer's forward and backward, the (bytes, arena offset) of every
+  request in order, for the planned allocator to replay: forward transients at their level-1
+  offset inside the layer's ``fwd[i]`` block, its saved tensors one after the other in
+  ``round[i]``, its output in the next layer's ``hidden`` block; backward transients inside
+  ``bwd[i]``, the gradient of the layer's input in ``grad[i]`` (where it lives until the layer
+  below has used it), parameter gradients in the pool (they become ``.grad``: model states,
+  outside the arena). The recompute phase has no trace of its requests: its script names the
+  ``recompute[i]`` block, where they go first-fit.
+- ``arena``: the blocks the runtime's own buffers live in (``prefetch[i]``, ``split[i]:NAME``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from memoplan.ir import (PHASES, LayerDecision, LevelPlan, PhaseScript, Profile, RuntimeLayer,
+                         RuntimeSaved)
+from memoplan.solve.config import SolveConfig
+from memoplan.solve.swap import per_gpu_bytes
+
+
+def runtime_layer(profile: Profile, cfg: SolveConfig, levels: dict[str, LevelPlan],
+                  layers: Sequence[LayerDecision]) -> RuntimeLayer:
+    """What the runtime reads of this plan (see the module docstring)."""
+    full = profile.to_json()["layer"]
+    it = levels["iteration"]
+    scripts = {ph: tuple(phase_script(profile, cfg, levels, ph, d.index) for d in layers)
+               for ph in PHASES}
+    arena = {name: (it.offsets[name], it.sizes[name], it.grows.get(name, (0, 0))[0])
+             for name in it.offsets if name.startswith(("prefetch[", "split["))}
+    return RuntimeLayer(
+        saved=tuple(RuntimeSaved(name=t.name, kind=t.kind, token_wise=t.token_wise,
+                                 seq_axis=t.seq_axis) for t in profile.layer.saved),
+        nodes=tuple(full["nodes"]), segments=tuple(full["segments"]),
+        trace_seq=profile.seq_lens[0], arena=arena, scripts=scripts)
+
+
+def phase_script(profile: Profile, cfg: SolveConfig, levels: dict[str, LevelPlan], phase: str,
+                 index: int) -> PhaseScript:
+    it = levels["iteration"]
+
+    def block(name: str) -> tuple[int | None, int]:
+        return it.offsets.get(name), it.sizes.get(name, 0)
+
+    if phase == "recompute":
+        at, size = block(f"recompute[{index}]")
+        return PhaseScript(region=(at, size) if at is not None and size else None)
+    level = levels[phase]
+    tensors = {t.id: t for t in profile.layer.tensors}
+    base, _ = block(f"{'fwd' if phase == 'forward' else 'bwd'}[{index}]")
+    rounding, hidden, grad = block(f"round[{index}]"), block(f"hidden[{index + 1}]"), \
+        block(f"grad[{index}]")
+    reqs = profile.layer.requests_forward if phase == "forward" else profile.layer.requests_backward
+    used = out_used = 0
+    seen: dict[int, int] = {}
+    slots = []
+    for op, tid, _ in reqs:
+        if op != "malloc":
+            continue
+        t = tensors[tid]
+        size = per_gpu_bytes(t.law.at(cfg.seq), cfg)
+        n = seen[tid] = seen.get(tid, -1) + 1
+        key = str(tid) if n == 0 else f"{tid}#{n}"  # ids reused after a free (see dsa)
+        offset = -1
+        if t.role == "grad":
+            # the input's gradient grows with the length; parameters' gradients do not
+            if t.law.per_token > 0 and grad[0] is not None and size <= grad[1]:
+                offset, grad = grad[0], (None, 0)
+        elif phase == "forward" and t.role == "output":  # level 1 has it too, till it ends
+            if hidden[0] is not None and out_used + size <= hidden[1]:
+                offset, out_used = hidden[0] + out_used, out_used + size
+        elif phase == "forward" and t.role == "skeletal":
+            if rounding[0] is not None and used + size <= rounding[1]:
+                offset, used = rounding[0] + used, used + size
+        elif key in level.offsets and base is not None:
+            offset = base + level.offsets[key]
+        slots.append((size, offset))
+    return PhaseScript(slots=tuple(slots))
