@@ -5,6 +5,7 @@ arena (``pool_bytes``: the embedding's output, logits and loss) and the shared l
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import torch
@@ -91,3 +92,53 @@ def test_head_phase_live_bytes_within_the_plan():
     planned = in_arena + plan.pool_bytes + shared
     assert plan.pool_bytes > 0 and mode.peak > 0
     assert mode.peak <= planned, (mode.peak, in_arena, plan.pool_bytes, shared)
+
+
+def test_every_layer_phase_holds_at_most_the_plans_figure():
+    """At each layer's forward and backward (with its recomputation) the run holds, outside the
+    arena plus what it claims inside it, at most the plan's figure for that step: the level-2
+    blocks live then, what it budgets outside the arena and the shared inputs."""
+    model_file = EXAMPLES / "gpt" / "model.py"
+    prof = profile_model(ProfileConfig(model_file=model_file, seq=128))
+    plan = solve_plan(prof, SolveConfig(seq=SEQ, hardware=get_hardware("h200"), time_limit=2.0,
+                                        keep_last=1, alpha=0.5))
+    mf = load_model_file(model_file)
+    model = apply(mf.build_model(), plan)
+    run = lambda: model(*mf.example_inputs(SEQ)).float().pow(2).mean().backward()  # noqa: E731
+    run()
+    runner = model._memoplan_runner
+    exclude = {runner.arena.buffer.untyped_storage().data_ptr(),
+               runner.copier._slab.base.untyped_storage().data_ptr()}
+    for p in model.parameters():
+        exclude |= {p.untyped_storage().data_ptr(), p.grad.untyped_storage().data_ptr()}
+    mode = PhaseLiveBytes(exclude)
+    steps = Steps(len(plan.layers))
+    peaks: dict[int, int] = {}
+    phase = runner.phase
+
+    @contextlib.contextmanager
+    def watched(name, index, device, prog):
+        step = steps.forward(index) if name == "forward" else steps.backward(index)
+        mode.on, mode.peak = True, 0
+        with phase(name, index, device, prog):
+            yield
+            claimed = sum(l.size if l.name.startswith("split") else l.used
+                          for l in runner.arena.leases.values())
+            peaks[step] = max(peaks.get(step, 0), mode.peak + claimed)
+        mode.on = False
+
+    runner.phase = watched
+    with mode:
+        run()
+    it = plan.levels["iteration"]
+    shared = plan.predicted.gpu_bytes["plan"] - plan.arena_bytes - plan.state_bytes \
+        - plan.pool_bytes
+    assert set(peaks) == {steps.forward(i) for i in range(len(plan.layers))} | \
+        {steps.backward(i) for i in range(len(plan.layers))}
+    # a CPU run has no cuBLAS or flash workspaces: the rest of what lies outside the arena
+    outside = plan.pool_bytes - plan.solver["pool_parts"]["workspaces"]
+    for step, held in sorted(peaks.items()):
+        live = sum(it.sizes[k] + (it.grows.get(k, (0, step + 1))[0]
+                                  if step >= it.grows.get(k, (0, step + 1))[1] else 0)
+                   for k, (a, b) in it.lifetimes.items() if a <= step < b)
+        assert held <= live + outside + shared, (step, held, live)
