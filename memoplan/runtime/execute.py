@@ -282,6 +282,12 @@ def backward_layer(prog: LayerProgram, mode: str, state: LayerState, copier: Cop
                     _run(prog, prog.forward_nodes, env, prog.drop_refold)
             _rebuild_splits(prog, state, env, copier)
             _materialise_reads(prog, env)
+        # from here on only the graph's values hold what came back: each is let go after its
+        # last use in backward (with the arena off, its memory goes back to PyTorch's pool
+        # then; in the arena, the block is given back when the layer's backward ends)
+        state.full.clear()
+        state.fetched.clear()
+        state.device.clear()
         with planned("backward"):
             _run(prog, prog.backward_nodes, env, prog.drop_backward)
     flat = pytree.tree_leaves(_output_nodes(prog))
