@@ -313,7 +313,8 @@ def table_rows(seq, results, flops, layers, device, plan) -> list[str]:
         vs_rec = f"{recompute['seconds'] / t:.3f}" if "seconds" in recompute else "n/a"
         diff = f"{r['diff']:.1e}" if "diff" in r else "n/a"
         a = r.get("allocator")
-        counters = f"{a['planned']} / {a['in_block']} / {a['unplanned']}" if a else "n/a"
+        counters = (f"{a['planned']} / {a['in_block']} / {a['unplanned']} "
+                    f"({a.get('unplanned_bytes', 0) / 2**30:.2f} GiB)") if a else "n/a"
         over = r["pool_peak"] - planned_bytes if "pool_peak" in r else None
         ratio = "n/a"
         if strategy.startswith("memoplan") and isinstance(r.get("alloc"), int):

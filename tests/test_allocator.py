@@ -229,6 +229,7 @@ def test_a_phase_block_takes_first_fit_what_the_script_does_not_place(alloc):
     alloc.end()
     assert _delta(alloc, before) == {"planned": 0, "shifted": 0, "unplanned": 1, "outside": 1,
                                      "missed": 0, "in_block": 3}
+    assert alloc.stats()["unplanned_bytes"] - before["unplanned_bytes"] == 2048  # "d"
     alloc.begin(COMPUTE, [])  # the block is the phase's only
     assert r.malloc("f", 512) is None
     alloc.end()

@@ -127,7 +127,7 @@ def test_runtime_benchmark_planned_allocator_row(monkeypatch):
     gib = 2**30
     memory = {"arena": {"allocated_peak": gib}, "pool": {"allocated_peak": 3 * gib},
               "total": {"allocated_peak": 2 * gib, "reserved_peak": 4 * gib}}
-    counters = {"planned": 5, "in_block": 6, "unplanned": 7}
+    counters = {"planned": 5, "in_block": 6, "unplanned": 7, "unplanned_bytes": 3 << 29}
     stats = rb.runtime.stats
     monkeypatch.setattr(rb.runtime, "memory_stats", lambda: memory)
     monkeypatch.setattr(rb.runtime, "reset_peak_memory_stats", lambda: None)
@@ -143,7 +143,7 @@ def test_runtime_benchmark_planned_allocator_row(monkeypatch):
     assert (row["arena peak GiB"], row["pool peak GiB"]) == ("1.00", "3.00")
     assert row["pool over plan GiB"] == f"{(3 * gib - planned) / gib:.2f}"
     assert row["peak / plan"] == f"{2 * gib / planned:.3f}"
-    assert row["planned / in block / unplanned"] == "5 / 6 / 7"
+    assert row["planned / in block / unplanned"] == "5 / 6 / 7 (1.50 GiB)"
     assert row["trace bytes"] == "0"
 
 

@@ -66,7 +66,7 @@ from memoplan.errors import MemoplanError
 SOURCE = Path(__file__).with_name("csrc") / "plan_allocator.cpp"
 STATS = ("planned", "shifted", "unplanned", "outside", "pool_bytes", "pool_peak",
          "arena_live", "arena_peak", "arena_allocations", "in_block", "refused", "waiting",
-         "cuda_errors")
+         "cuda_errors", "unplanned_bytes")
 MEMORY = ("allocated", "allocated_peak", "reserved", "reserved_peak")
 
 _installed: PlanAllocator | None = None

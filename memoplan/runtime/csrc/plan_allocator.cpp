@@ -470,6 +470,7 @@ struct State {
   int64_t planned = 0;     // requests served where the plan says (its address, or the pool)
   int64_t shifted = 0;     // served at a planned address after skipping slots (extra requests)
   int64_t unplanned = 0;   // phase requests the plan has no free slot for (pool)
+  int64_t unplanned_bytes = 0;  // their bytes, summed
   int64_t outside = 0;     // requests outside a phase or on another device or stream (pool)
   int64_t in_block = 0;    // phase requests placed first-fit in the phase's block
   int64_t refused = 0;     // requests that got null (out of memory, graph capture)
@@ -620,6 +621,7 @@ void* replay(State& s, int64_t size, int device, cudaStream_t stream) {
     }
   }
   s.unplanned++;
+  s.unplanned_bytes += (int64_t)size;
   return nullptr;
 }
 
@@ -881,14 +883,15 @@ void mp_unreserve(int64_t offset) {
 
 // Counters, in this order: planned, shifted, unplanned, outside, pool bytes, pool peak,
 // arena live, arena peak, live arena allocations, placed in a phase's block, refused,
-// freed allocations waiting for their streams, failed CUDA calls (cleared).
+// freed allocations waiting for their streams, failed CUDA calls (cleared), bytes of the
+// unplanned requests.
 void mp_stats(int64_t* out) {
   State& s = S();
   std::lock_guard<std::mutex> lock(s.mu);
   int64_t v[] = {s.planned, s.shifted, s.unplanned, s.outside, s.pool_bytes, s.pool_peak,
                  s.arena_live, s.arena_peak, (int64_t)s.live.size(), s.in_block, s.refused,
-                 (int64_t)s.waiting.size(), cuda_errors.load()};
-  for (int i = 0; i < 13; ++i) out[i] = v[i];
+                 (int64_t)s.waiting.size(), cuda_errors.load(), s.unplanned_bytes};
+  for (int i = 0; i < 14; ++i) out[i] = v[i];
 }
 
 // Memory, for the arena, the pool and in total, each as allocated, allocated peak, reserved,
