@@ -36,6 +36,15 @@ def _table(text: str, first: str) -> list[dict[str, str]]:
     return rows
 
 
+
+@pytest.fixture(autouse=True)
+def _example_size_stays_here(monkeypatch):
+    """The benchmarks choose the example's size through MEMOPLAN_PRESET and MEMOPLAN_LAYERS in
+    this process; put them back after each test, so later tests build the example as it is."""
+    for key in ("MEMOPLAN_PRESET", "MEMOPLAN_LAYERS"):
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
+
 def test_runtime_benchmark_smoke(tmp_path):
     out = _run("benchmarks/runtime_bench.py", "--quick", "--out", str(tmp_path / "rt.md"))
     rows = _table(out, "S")

@@ -9,8 +9,6 @@ import contextlib
 import weakref
 
 import torch
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from conftest import EXAMPLES
 from memoplan.hardware import get_hardware
@@ -18,43 +16,10 @@ from memoplan.ir import Steps
 from memoplan.runtime import apply
 from memoplan.solve import SolveConfig, solve_plan
 from memoplan.trace import ProfileConfig, profile_model
+from memoplan.trace.head import LiveBytes
 from memoplan.trace.loader import load_model_file
 
 SEQ = 256
-
-
-class PhaseLiveBytes(TorchDispatchMode):
-    """Peak of the bytes of storages made inside the mode and alive at once, counted only while
-    ``on`` is set; storages of ``exclude`` (arena, host slab, parameters, grads) are left out."""
-
-    def __init__(self, exclude: set[int]) -> None:
-        super().__init__()
-        self.exclude = exclude
-        self.refs: dict[int, list] = {}
-        self.size: dict[int, int] = {}
-        self.on = False
-        self.peak = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                st = t.untyped_storage()
-                if st.data_ptr() in self.exclude or not st.nbytes():
-                    continue
-                self.refs.setdefault(st.data_ptr(), []).append(weakref.ref(t))
-                self.size[st.data_ptr()] = st.nbytes()
-        live = 0
-        for ptr in list(self.refs):
-            alive = [r for r in self.refs[ptr] if r() is not None]
-            if alive:
-                self.refs[ptr] = alive
-                live += self.size[ptr]
-            else:
-                del self.refs[ptr]
-        if self.on:
-            self.peak = max(self.peak, live)
-        return out
 
 
 def test_head_phase_live_bytes_within_the_plan():
@@ -65,22 +30,18 @@ def test_head_phase_live_bytes_within_the_plan():
     model = apply(mf.build_model(), plan)
     last = model.layers[-1]
 
-    def step(mode: PhaseLiveBytes | None) -> None:
+    def step(mode: LiveBytes | None) -> None:
         def started(module, args, out):
             if mode is not None:
-                mode.on = True
-                out.register_hook(lambda g: setattr(mode, "on", False))  # its backward begins
+                mode.measuring = True
+                out.register_hook(lambda g: setattr(mode, "measuring", False))  # its backward
         h = last.register_forward_hook(started)
         model(*mf.example_inputs(SEQ)).float().pow(2).mean().backward()
         h.remove()
 
     step(None)  # the first step makes the programs, the arena, the host slab and the grads
-    runner = model._memoplan_runner
-    exclude = {runner.arena.buffer.untyped_storage().data_ptr()}
-    exclude |= {runner.copier._slab.base.untyped_storage().data_ptr()}
-    for p in model.parameters():
-        exclude |= {p.untyped_storage().data_ptr(), p.grad.untyped_storage().data_ptr()}
-    mode = PhaseLiveBytes(exclude)
+    # the arena, the host slab, the parameters and their grads were made then: not counted
+    mode = LiveBytes(measuring=False)
     with mode:
         step(mode)
     it = plan.levels["iteration"]
@@ -107,11 +68,7 @@ def test_every_layer_phase_holds_at_most_the_plans_figure():
     run = lambda: model(*mf.example_inputs(SEQ)).float().pow(2).mean().backward()  # noqa: E731
     run()
     runner = model._memoplan_runner
-    exclude = {runner.arena.buffer.untyped_storage().data_ptr(),
-               runner.copier._slab.base.untyped_storage().data_ptr()}
-    for p in model.parameters():
-        exclude |= {p.untyped_storage().data_ptr(), p.grad.untyped_storage().data_ptr()}
-    mode = PhaseLiveBytes(exclude)
+    mode = LiveBytes(measuring=False)  # (what the first step made is not counted)
     steps = Steps(len(plan.layers))
     peaks: dict[int, int] = {}
     phase = runner.phase
@@ -119,13 +76,13 @@ def test_every_layer_phase_holds_at_most_the_plans_figure():
     @contextlib.contextmanager
     def watched(name, index, device, prog):
         step = steps.forward(index) if name == "forward" else steps.backward(index)
-        mode.on, mode.peak = True, 0
+        mode.measuring, mode.peak = True, 0
         with phase(name, index, device, prog):
             yield
             claimed = sum(l.size if l.name.startswith("split") else l.used
                           for l in runner.arena.leases.values())
             peaks[step] = max(peaks.get(step, 0), mode.peak + claimed)
-        mode.on = False
+        mode.measuring = False
 
     runner.phase = watched
     with mode:

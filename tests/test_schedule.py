@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 import json
 from pathlib import Path
 
@@ -109,3 +110,39 @@ def test_run_holds_what_the_plan_says_while_the_layer_above_runs_its_backward(
             assert held[l.index] <= l.host_bytes, (l.index, held[l.index], l.host_bytes)
     assert runner.arena.misses == 0
     assert any(b.startswith("split[") for b in runner.arena.blocks)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_without_the_arena_the_recomputed_tokens_also_come_late(profiles, alpha):
+    """A GPU run without the planned allocator has no arena: there too, while layer i+1 runs
+    its backward, layer i holds only its copied tokens (in buffers of their own); its full
+    buffers are made at its own backward, the copied tokens moved in. Exact gradients."""
+    plan = solve_plan(profiles["gpt"], SolveConfig(seq=256, hardware=get_hardware("h200"),
+                                                   time_limit=2.0, keep_last=1, alpha=alpha))
+    mf = load_model_file(EXAMPLES / "gpt" / "model.py")
+    model = mf.build_model()
+    ref = copy.deepcopy(model)
+    apply(model, plan, debug_poison=True, arena=False)
+    held: dict[int, int] = {}
+    prefetch = execute.prefetch_layer
+
+    def watch(state, copier, arena, device):
+        prefetch(state, copier, arena, device)
+        if state.index not in held:  # during layer index+1's backward: what came back so far
+            held[state.index] = sum(t.untyped_storage().nbytes() for t in state.full.values()) \
+                + sum(t.untyped_storage().nbytes() for t in state.head.values())
+
+    apply_module = importlib.import_module("memoplan.runtime.apply")
+    original = apply_module.prefetch_layer
+    apply_module.prefetch_layer = watch
+    try:
+        for m in (model, ref):
+            m(*mf.example_inputs(256)).float().pow(2).mean().backward()
+    finally:
+        apply_module.prefetch_layer = original
+    for (name, a), (_, b) in zip(model.named_parameters(), ref.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-9, msg=name)
+    split = [l for l in plan.layers if l.mode == "offload"]
+    assert split and set(held) == {l.index for l in split}
+    for l in split:  # no full buffer yet: only the copied tokens of the split tensors
+        assert held[l.index] <= l.host_bytes, (l.index, held[l.index], l.host_bytes)

@@ -63,6 +63,7 @@ class LayerState:
         self.full: dict[str, torch.Tensor] = {}        # split creator -> its buffer for backward
         self.lease: Lease | None = None                # the prefetch block (whole copies)
         self.split_lease: dict[str, Lease] = {}        # split creator -> its growing block
+        self.head: dict[str, torch.Tensor] = {}        # split creator -> copied tokens (no arena)
         self.rng: torch.Tensor | None = None           # generator state the forward began with
 
 
@@ -202,7 +203,12 @@ def prefetch_layer(state: LayerState, copier: Copier, arena: Arena, device: torc
     for c, host in state.host.items():
         if c in state.fetched:
             continue
-        if c in state.split_at:
+        if c in state.split_at and _tokens_lead(state, c) and not arena.blocks:
+            # no arena (a GPU without the planned allocator): only the copied tokens now, in a
+            # buffer of their own; the full one, from layer i's own backward (_own_buffers)
+            dest = state.head[c] = empty_laid_out(host.shape, host.dtype, state.layout[c],
+                                                  device=device)
+        elif c in state.split_at:
             full = state.full[c] = _split_buffer(state, c, arena)
             dest = full.narrow(state.axis[c], 0, state.split_at[c])
         else:
@@ -216,7 +222,7 @@ def _split_buffer(state: LayerState, c: str, arena: Arena) -> torch.Tensor:
     shape, dtype = state.shape[c]
     order = state.layout[c]
     name = f"split[{state.index}]:{c}"
-    if name in arena.blocks and [d for d in order if shape[d] > 1][:1] == [state.axis[c]]:
+    if name in arena.blocks and _tokens_lead(state, c):
         lease = arena.lease(name)
         full = lease.tensor(shape, dtype, order)
         if full is not None:
@@ -226,14 +232,28 @@ def _split_buffer(state: LayerState, c: str, arena: Arena) -> torch.Tensor:
     return state.lease.empty(shape, dtype, order)
 
 
+def _tokens_lead(state: LayerState, c: str) -> bool:
+    """Whether split tensor ``c``'s token axis is outermost in its layout (size-1 dims aside):
+    then its copied tokens are a prefix of its buffer."""
+    shape, _ = state.shape[c]
+    return [d for d in state.layout[c] if shape[d] > 1][:1] == [state.axis[c]]
+
+
 def _own_buffers(state: LayerState, copier: Copier, arena: Arena) -> None:
     """At layer i's own backward: the buffers of split tensors with no token copied (alpha 0),
-    and the later bytes of every growing block, where the dropped tokens are recomputed. Where
-    those bytes are still in use (a plan that does not match the run), the tensor moves to an
-    ordinary buffer (its copied tokens with it), counted as an arena fallback."""
+    or whose copied tokens came back into a buffer of their own (no arena: moved in now, a
+    device-to-device copy on the compute stream), and the later bytes of every growing block,
+    where the dropped tokens are recomputed. Where those bytes are still in use (a plan that
+    does not match the run), the tensor moves to an ordinary buffer (its copied tokens with
+    it), counted as an arena fallback."""
     for c in state.split_at:
         if c not in state.full:
             state.full[c] = _split_buffer(state, c, arena)
+        if c in state.head:
+            head = copier.ready(state.fetched[c])
+            state.full[c].narrow(state.axis[c], 0, state.split_at[c]).copy_(head)
+            del state.head[c]
+            state.fetched[c] = (state.full[c], None)
     for c, lease in list(state.split_lease.items()):
         if lease.extend():
             continue

@@ -23,40 +23,49 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from memoplan.trace.loader import ModelFile, make_inputs
 
 
-class _WindowBytes(TorchDispatchMode):
-    """Peak of the bytes of storages made while ``on`` and alive at once."""
+class LiveBytes(TorchDispatchMode):
+    """Peak total bytes of the storages that ops inside the mode made (an op returning a view
+    or writing in place, on its input's storage, makes none) and that are alive at once, taken
+    while ``measuring``.
+    Storages are recorded while ``recording``; a view of a recorded storage keeps it counted.
+    The profile records and measures only in a window; tests record from the start."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, recording: bool = True, measuring: bool = True) -> None:
         super().__init__()
-        self.on = False
+        self.recording, self.measuring = recording, measuring
         self.refs: dict[int, list] = {}
         self.size: dict[int, int] = {}
         self.peak = 0
 
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        if not self.on:
-            return out
-        schema = getattr(func, "_schema", None)
-        aliases = schema is not None and any(r.alias_info is not None for r in schema.returns)
-        for t in pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
-                st = t.untyped_storage()
-                key = StorageWeakRef(st).cdata
-                if not aliases:  # a new storage, made in the window
-                    self.size[key] = st.nbytes()
-                    self.refs[key] = [weakref.ref(t)]
-                elif key in self.refs:  # a view of one made in the window keeps it alive
-                    self.refs[key].append(weakref.ref(t))
-        live = 0
+    def live(self) -> int:
+        total = 0
         for key in list(self.refs):
             alive = [r for r in self.refs[key] if r() is not None]
             if alive:
                 self.refs[key] = alive
-                live += self.size[key]
+                total += self.size[key]
             else:
                 del self.refs[key]
-        self.peak = max(self.peak, live)
+        return total
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        # an output on an input's storage is a view or an in-place write (``_unsafe_view``'s
+        # schema does not say so), not a new storage
+        inputs = {StorageWeakRef(t.untyped_storage()).cdata
+                  for t in pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor) and t.layout == torch.strided}
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+                st = t.untyped_storage()
+                key = StorageWeakRef(st).cdata
+                if key not in inputs and self.recording:  # a new storage
+                    self.size[key] = st.nbytes()
+                    self.refs[key] = [weakref.ref(t)]
+                elif key in self.refs:  # a view of a recorded one keeps it alive
+                    self.refs[key].append(weakref.ref(t))
+        if self.measuring:
+            self.peak = max(self.peak, self.live())
         return out
 
 
@@ -66,14 +75,14 @@ def head_phase_bytes(mf: ModelFile, model: torch.nn.Module, layers: tuple[torch.
     ``seq_len`` tokens: its inputs, what it makes before and between the layers (embedding
     output, positions), and after the last layer the final norm, head, loss and their
     gradients down to the last layer's output."""
-    window = _WindowBytes()
+    window = LiveBytes(recording=False, measuring=False)
     out: dict[str, torch.Tensor] = {}
 
     def entered(module: torch.nn.Module, args: tuple) -> None:
-        window.on = False
+        window.recording = window.measuring = False
 
     def left(module: torch.nn.Module, args: tuple, result: Any) -> None:
-        window.on = True
+        window.recording = window.measuring = True
         if module is layers[-1]:
             out["hidden"] = next(t for t in pytree.tree_leaves(result)
                                  if isinstance(t, torch.Tensor) and t.requires_grad)
@@ -82,7 +91,7 @@ def head_phase_bytes(mf: ModelFile, model: torch.nn.Module, layers: tuple[torch.
                                                layer.register_forward_hook(left))]
     try:
         with FakeTensorMode(allow_non_fake_inputs=True), window, torch.enable_grad():
-            window.on = True
+            window.recording = window.measuring = True
             args, kwargs = make_inputs(mf, seq_len)
             result = model(*args, **kwargs)
             loss = mf.loss_fn(result) if mf.loss_fn is not None else _default_loss(result)

@@ -62,8 +62,8 @@ class Replay(fx.Interpreter):
             try:
                 self.values[n.name] = self.run_node(n)
             except Exception as e:
-                if not getattr(e, "_memoplan_where", False):
-                    e._memoplan_where = True  # the innermost node says where
+                if not getattr(e, "_memoplan_where", False) and hasattr(e, "add_note"):
+                    e._memoplan_where = True  # the innermost node says where (Python >= 3.11)
                     e.add_note(f"(memoplan, replaying the layer's op {where(n)})")
                 raise
             for name in (drops or {}).get(n.name, ()):
