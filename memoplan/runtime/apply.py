@@ -18,10 +18,10 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
-from collections import OrderedDict
 import types
 import warnings
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
