@@ -9,8 +9,10 @@ the compute stream's waits already order those two, so no control can isolate th
 from __future__ import annotations
 
 import copy
+import gc
 import importlib.util
 import math
+import threading
 
 import pytest
 import torch
@@ -51,10 +53,18 @@ class Event:
     def record(self, stream: Queue) -> None:
         self.stream, self.at = stream, len(stream.items)
 
+    def synchronize(self) -> None:  # the host waits: the work before it has run
+        self.stream.run_to(self.at)
+
 
 class Compute:
     def wait_event(self, event: Event) -> None:
         event.stream.run_to(event.at)
+
+
+class Elsewhere:
+    def wait_event(self, event: Event) -> None:
+        pass
 
 
 class Deferred(CudaStreams):
@@ -69,7 +79,10 @@ class Deferred(CudaStreams):
         return self.queues[-1]
 
     def current(self, device):
-        return self.compute
+        # another thread's current stream: a wait there orders nothing the CPU-side compute
+        # stream (the main thread) does, and runs no copy
+        return self.compute if threading.current_thread() is threading.main_thread() \
+            else Elsewhere()
 
     def event(self):
         return Event()
@@ -200,3 +213,34 @@ def test_a_copy_source_written_before_its_copy_ran_is_refused():
     u.fill_(float("nan"))  # after the wait (debug poisoning): the copy is made
     copier.release_copied()
     assert not host.isnan().any()
+
+
+def test_a_backward_that_stops_early_settles_the_prefetches_it_started(plans):
+    """autograd.grad down to a middle layer's input: the layers below never run their backward,
+    but the layer above them already started prefetching their copies. When their state goes,
+    the copies are waited for on the host (the thread that lets go of the graph need not be on
+    the compute stream) before their memory is given back."""
+    import dataclasses
+
+    mod = _module("llama")
+    model = mod.build_model()
+    plan = plans["llama"]
+    plan = dataclasses.replace(plan, layers=tuple(dataclasses.replace(l, alpha=0.5)
+                                                  for l in plan.layers))
+    apply(model, plan)
+    streams = Deferred()
+    runner = model._memoplan_runner
+    runner.copier = Copier([l.alpha for l in plan.layers if l.mode == "offload"], streams=streams)
+    seen = {}
+    hook = model.layers[2].register_forward_pre_hook(lambda m, a: seen.update(x=a[0]))
+    loss = model(torch.randint(mod.config().vocab_size, (1, 96))).float().pow(2).mean()
+    hook.remove()
+    torch.autograd.grad(loss, seen["x"])  # layers 2 and 3 run their backward; 0 and 1 do not
+    assert runner.prefetched_ahead >= 1 and streams.pending() > 0  # layer 1's copies pending
+    box = [loss, seen]
+    del loss, seen
+    other = threading.Thread(target=lambda: (box.clear(), gc.collect()))  # let go elsewhere
+    other.start()
+    other.join()
+    assert streams.pending() == 0  # settled before the memory went back
+    assert not runner.arena.leases  # and every arena block was given back

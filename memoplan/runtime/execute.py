@@ -151,8 +151,8 @@ def _state_gone(kept: dict[str, Any], copier: Copier) -> None:
     """A layer call's state is gone. After its backward nothing is left to do; without one (its
     graph was dropped, or the backward stopped early or failed) this waits for the copies it
     started and gives back its arena block and host buffers, for later steps to reuse."""
-    for fetched in kept["fetched"].values():
-        copier.ready(fetched)
+    for fetched in kept["fetched"].values():  # (on the host: this may run on any thread)
+        copier.settle(fetched)
     if kept["lease"] is not None:
         kept["lease"].release()
     for lease in kept["split_lease"].values():

@@ -315,6 +315,13 @@ class Copier:
             self._cuda.current(out.device).wait_event(done)
         return out
 
+    def settle(self, fetched: tuple[torch.Tensor, Any]) -> None:
+        """Wait on the host until a prefetch has finished: for giving back its memory from any
+        thread (whose current stream need not be the compute stream)."""
+        _, done = fetched
+        if done is not None:
+            done.synchronize()
+
 
 def modified_in_place(index: int) -> MemoplanError:
     return MemoplanError(
