@@ -438,8 +438,11 @@ class Steps:
     """The phase steps of one iteration of ``layers`` layers: level 2's time axis, shared by the
     solver, the pictures and the tests (one place owns it)::
 
-        0 embedding | 1..L forward of layer 0..L-1 | L+1 head and loss | L+2..2L+1 backward of
-        layer L-1..0
+        0 embedding | 1..L forward of layer 0..L-1 | L+1 head and loss | then for layer L-1..0:
+        its rebuild (the dropped tokens recomputed, or a checkpointed layer's forward re-run)
+        and its backward graph
+
+    A layer's rebuild workspace and its backward's transients are never live together.
     """
 
     layers: int
@@ -451,18 +454,21 @@ class Steps:
     def head(self) -> int:
         return self.layers + 1
 
+    def rebuild(self, i: int) -> int:
+        return self.layers + 2 + 2 * (self.layers - 1 - i)
+
     def backward(self, i: int) -> int:
-        return self.layers + 2 + (self.layers - 1 - i)
+        return self.rebuild(i) + 1
 
     @property
     def count(self) -> int:
-        return 2 * self.layers + 2
+        return 3 * self.layers + 2
 
     def labels(self) -> list[str]:
-        """embed, F0..F(L-1), head, B(L-1)..B0."""
+        """embed, F0..F(L-1), head, R(L-1), B(L-1), .., R0, B0."""
         n = self.layers
         return (["embed"] + [f"F{i}" for i in range(n)] + ["head"]
-                + [f"B{i}" for i in reversed(range(n))])
+                + [x for i in reversed(range(n)) for x in (f"R{i}", f"B{i}")])
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -140,7 +140,8 @@ def test_level1_kinds_and_level2_phase_ticks(plan):
     n = len(plan.layers)
     ax = level_figure(plan.levels["iteration"], title="it", labels=phase_labels(n)).axes[0]
     labels = [t.get_text() for t in ax.get_xticklabels()]
-    assert labels == ["embed", "F0", "F1", "F2", "F3", "head", "B3", "B2", "B1", "B0"]
+    assert labels == ["embed", "F0", "F1", "F2", "F3", "head", "R3", "B3", "R2", "B2", "R1", "B1",
+                      "R0", "B0"]
     legend = {t.get_text() for t in ax.get_legend().get_texts()}
     assert set(plan.levels["iteration"].kinds.values()) <= legend
     assert {"input", "rounding", "prefetch", "recompute", "grad"} <= legend

@@ -12,7 +12,7 @@ import pytest
 from conftest import EXAMPLES, ROOT
 from memoplan.errors import InfeasibleError, MemoplanError
 from memoplan.hardware import get_hardware
-from memoplan.ir import Plan, Profile
+from memoplan.ir import Plan, Profile, Steps
 from memoplan.solve import SolveConfig, solve_plan
 from memoplan.solve.check import check_placement
 from memoplan.solve.dsa import Block
@@ -178,8 +178,11 @@ def test_level2_rounding_buffers_alternate_and_prefetch_precedes_backward(tiny):
     # layer i's rounding buffer lives through forward i+1 and is dead at forward i+2
     assert blocks["round[0]"].end == blocks["fwd[1]"].end
     assert blocks["round[0]"].end <= blocks["fwd[2]"].start
-    # layer i's prefetch starts with backward i+1 and ends with backward i
-    assert blocks["prefetch[0]"].start == blocks["bwd[1]"].start
+    # layer i's prefetch starts with backward i+1 (its rebuild step) and ends with backward i;
+    # a layer's rebuild workspace and its backward's transients are never live together
+    steps = Steps(n)
+    assert blocks["prefetch[0]"].start == steps.rebuild(1) == blocks["bwd[1]"].start - 1
+    assert blocks["recompute[0]"].end <= blocks["bwd[0]"].start
     assert blocks["prefetch[0]"].end == blocks["bwd[0]"].end
     assert blocks[f"round[{n - 1}]"].end == blocks[f"bwd[{n - 1}]"].end  # kept layer
     # the arena holds only what the runtime places there: no head block (logits and loss) and no

@@ -5,8 +5,8 @@ identical layer reuses these offsets). Skeletal tensors are not in level 1: forw
 into the layer's rounding buffer and backward reads them from its prefetch buffer, both level-2
 blocks. Level 2 places the whole iteration as blocks over phase steps (``ir.Steps``)
 
-    step 0: embedding | 1..L: forward of layer 0..L-1 | L+1: head and loss | L+2..2L+1: backward
-    of layer L-1..0
+    step 0: embedding | 1..L: forward of layer 0..L-1 | L+1: head and loss | then per layer
+    L-1..0 two steps: its rebuild (dropped tokens recomputed) and its backward graph
 
 with, per layer i: ``fwd[i]`` (level-1 forward peak, its forward step), ``hidden[i]`` for i > 0
 (its input, the output of layer i-1, from the step that makes it until its copy is done during
@@ -153,7 +153,7 @@ def level2_blocks(layers: Sequence[LayerDecision], lb: LayerBytes, fwd_peak: int
     """The iteration's blocks (see the module docstring for the steps)."""
     n = len(layers)
     steps = Steps(n)
-    F, B, H = steps.forward, steps.backward, steps.head
+    F, R, B, H = steps.forward, steps.rebuild, steps.backward, steps.head
     skeletal_rest = lb.total - lb.input
     blocks: list[Block] = []
 
@@ -176,11 +176,11 @@ def level2_blocks(layers: Sequence[LayerDecision], lb: LayerBytes, fwd_peak: int
             name = f"split[{i}]:{t.name}"
             if head and tail:
                 blocks.append(Block(id=name, size=head, start=first, end=B(i) + 1,
-                                    grow=tail, grow_at=B(i)))
+                                    grow=tail, grow_at=R(i)))
             elif head:
                 blocks.append(Block(id=name, size=head, start=first, end=B(i) + 1))
             else:
-                blocks.append(Block(id=name, size=tail, start=B(i), end=B(i) + 1))
+                blocks.append(Block(id=name, size=tail, start=R(i), end=B(i) + 1))
         return rest
 
     for d in layers:
@@ -193,17 +193,18 @@ def level2_blocks(layers: Sequence[LayerDecision], lb: LayerBytes, fwd_peak: int
             copied_by = F(i + 1) if i + 1 < n else H
             add("hidden", i, lb.input, made, copied_by)
             add("round", i, skeletal_rest, F(i), copied_by)
-            prefetch_from = B(i + 1) if i + 1 < n else H
+            prefetch_from = R(i + 1) if i + 1 < n else H  # when layer i+1's backward starts
             rest = add_split(i, d.alpha, prefetch_from) if lb.splits else lb.token_wise
             add("prefetch", i, lb.always + rest, prefetch_from, B(i))
-            add("recompute", i, int((1.0 - d.alpha) * fwd_peak), B(i), B(i))
+            add("recompute", i, int((1.0 - d.alpha) * fwd_peak), R(i), R(i))
         elif d.mode == "keep":
             add("hidden", i, lb.input, made, B(i))
             add("round", i, skeletal_rest, F(i), B(i))
         else:  # checkpointed: forward runs without keeping its saved tensors
             add("hidden", i, lb.input, made, B(i))
             add("round", i, skeletal_rest, F(i), F(i))
-            add("recompute", i, skeletal_rest + fwd_peak, B(i), B(i))
+            # the re-run forward's saved tensors stay for the backward graph
+            add("recompute", i, skeletal_rest + fwd_peak, R(i), B(i))
     return blocks
 
 
