@@ -67,6 +67,20 @@ def stack_profile(device: str, seq: int, path: Path | None = None):
     return prof
 
 
+def add_plan_options(ap) -> None:
+    """The options every benchmark that profiles the stack and solves a plan takes."""
+    ap.add_argument("--state-bytes", type=float, default=4.0,
+                    help="bytes per parameter of model states the plan assumes (4: bf16 weights "
+                         "and gradients, no optimizer)")
+    ap.add_argument("--host-mem-gb", type=float, default=None,
+                    help="host memory the plans may fill, GiB (default: the h200 preset's, or "
+                         "0.8 x MemAvailable when that is less)")
+    ap.add_argument("--profile-seq", type=int, default=None)
+    ap.add_argument("--profile", type=Path, default=None,
+                    help="read the stack's profile from this file if it exists, else write it")
+    ap.add_argument("--time-limit", type=float, default=10.0, help="seconds per MIP")
+
+
 def mem_available_gib() -> float | None:
     """``MemAvailable`` of /proc/meminfo in GiB (None where there is no such file)."""
     try:

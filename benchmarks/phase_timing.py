@@ -251,14 +251,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--warmup", type=int, default=1, help="steps before the profiled one")
     ap.add_argument("--alpha", type=float, default=None, help="force this swap fraction")
-    ap.add_argument("--state-bytes", type=float, default=4.0)
-    ap.add_argument("--host-mem-gb", type=float, default=None,
-                    help="host memory the plan may fill, GiB (default: the h200 preset's, or "
-                         "0.8 x MemAvailable when that is less)")
-    ap.add_argument("--profile-seq", type=int, default=None)
-    ap.add_argument("--profile", type=Path, default=None,
-                    help="read the stack's profile from this file if it exists, else write it")
-    ap.add_argument("--time-limit", type=float, default=10.0, help="seconds per MIP")
+    common.add_plan_options(ap)
     ap.add_argument("--trace", type=Path, default=None, help="keep the chrome trace here")
     ap.add_argument("--out", type=Path, default=None, help="also write the tables here")
     args = ap.parse_args()

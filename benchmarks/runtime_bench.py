@@ -216,16 +216,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
-    ap.add_argument("--state-bytes", type=float, default=4.0,
-                    help="bytes per parameter of model states the plan assumes (4: bf16 weights "
-                         "and gradients, no optimizer)")
-    ap.add_argument("--host-mem-gb", type=float, default=None,
-                    help="host memory the plans may fill, GiB (default: the h200 preset's, or "
-                         "0.8 x MemAvailable when that is less)")
-    ap.add_argument("--profile-seq", type=int, default=None)
-    ap.add_argument("--profile", type=Path, default=None,
-                    help="read the stack's profile from this file if it exists, else write it")
-    ap.add_argument("--time-limit", type=float, default=10.0, help="seconds per MIP")
+    common.add_plan_options(ap)
     ap.add_argument("--child-timeout", type=int, default=900)
     ap.add_argument("--quick", action="store_true",
                     help="tiny model, 2 lengths, 2 steps, 2 s per MIP (CI)")
