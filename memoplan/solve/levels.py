@@ -32,8 +32,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
-import torch
-
 from memoplan.ir import LayerDecision, LevelPlan, Profile, Steps
 from memoplan.solve.caching_sim import simulate_caching_allocator
 from memoplan.solve.check import check_placement
@@ -127,9 +125,8 @@ def workspace_bytes(profile: Profile, cfg: SolveConfig) -> int:
     attention = 0
     for t in profile.layer.saved:
         if t.kind == "mixing_output" and "attention" in t.producer and t.producer.endswith("[0]") \
-                and len(t.shape) >= 3 and t.dtype:
-            elems = per_gpu_bytes(t.law.at(cfg.seq), cfg) / torch.empty(
-                0, dtype=getattr(torch, t.dtype)).element_size()
+                and len(t.shape) >= 3 and math.prod(t.shape):
+            elems = per_gpu_bytes(t.law.at(cfg.seq), cfg) / (t.bytes / math.prod(t.shape))
             rows = elems / t.shape[-1]
             attention += int(4 * elems + 4 * rows)
     return attention + 2 * CUBLAS_WORKSPACE
