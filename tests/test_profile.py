@@ -287,12 +287,23 @@ BAD = {
                     "    def forward(self, x):\n        return x * self.w * x.sum().item()\n"
                     "def build_model():\n    return Stack(Bad)\n", "_local_scalar_dense"),
     "bad_inputs": (MLP + "\ndef example_inputs(seq_len):\n    return 3\n", "returned int"),
+    # a write into the layer's own intermediate is rewritten out of place; one into a buffer
+    # (a replay would apply it twice) or through a view is refused, naming the source line
     "in_place": (STACK + "class InPlace(torch.nn.Module):\n"
                  "    def __init__(self):\n        super().__init__()\n"
                  "        self.w = torch.nn.Parameter(torch.ones(8))\n"
+                 "        self.register_buffer('calls', torch.zeros(()))\n"
                  "    def forward(self, x):\n        h = x * self.w\n        h.mul_(2.0)\n"
-                 "        return x + h\n"
-                 "def build_model():\n    return Stack(InPlace)\n", "writes in place"),
+                 "        self.calls.add_(1)\n        return x + h\n"
+                 "def build_model():\n    return Stack(InPlace)\n",
+                 "writes in place into a buffer"),
+    "in_place_view": (STACK + "class InPlace(torch.nn.Module):\n"
+                      "    def __init__(self):\n        super().__init__()\n"
+                      "        self.w = torch.nn.Parameter(torch.ones(8))\n"
+                      "    def forward(self, x):\n        h = x * self.w\n"
+                      "        h[:, :1].mul_(2.0)\n        return x + h\n"
+                      "def build_model():\n    return Stack(InPlace)\n",
+                      "writes in place through a view"),
 }
 
 

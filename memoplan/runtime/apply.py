@@ -8,7 +8,8 @@ The user's training loop stays as it is::
 
 Each instance of the plan's layer class gets a forward that, while autograd records, runs the
 layer through :mod:`memoplan.runtime.execute` with its planned mode and swap fraction. Without
-grad (``torch.no_grad()``, evaluation) the original forward runs untouched. The plan's token
+grad (``torch.no_grad()``) or in ``eval()`` the original forward runs untouched; a training
+call gets no key/value cache (:mod:`memoplan.trace.cache`). The plan's token
 split is re-derived for the length each call actually sees: alpha of its tokens are copied, so
 any sequence length runs, also one that the GPUs do not split evenly.
 """
@@ -35,9 +36,10 @@ from memoplan import jsonio
 from memoplan.runtime import allocator
 from memoplan.runtime.arena import Arena
 from memoplan.runtime.execute import LayerState, backward_layer, forward_layer, prefetch_layer
-from memoplan.runtime.program import LayerProgram, build_program
+from memoplan.runtime.program import OUTPUT, LayerProgram, build_program
 from memoplan.runtime.streams import ALIGN, Copier, modified_in_place
 from memoplan.signature import layer_signature
+from memoplan.trace.cache import without_cache
 
 PROGRAMS_KEPT = 8  # layer programs (one per input signature) kept per model; see _program
 
@@ -77,6 +79,7 @@ class _Runner:
         self.prefetched_ahead = 0  # layers whose data was prefetched during the next backward
         self.host_bytes = 0   # host copies made so far (summed over layer calls)
         self.warmed: set[tuple[int, int, int]] = set()  # (thread, device, stream): see phase
+        self.said_cache = False  # the key/value cache warning is given once
 
     def arena_on(self, device: torch.device) -> Arena:
         """The plan's arena on ``device`` (an empty one, every buffer allocated normally, when
@@ -244,8 +247,19 @@ def _wrap(layer: torch.nn.Module, index: int, runner: _Runner) -> None:
     decision = runner.plan.layers[index]
 
     def forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        if not torch.is_grad_enabled() or runner.tracing:
+        if not torch.is_grad_enabled() or not self.training or runner.tracing:
             return original(*args, **kwargs)
+        args, kwargs, dropped = without_cache(args, kwargs)
+        if dropped and not runner.said_cache:
+            runner.said_cache = True
+            warnings.warn(
+                f"memoplan: the model passes a key/value cache to its '{runner.plan.layer_class}' "
+                f"layers (transformers' use_cache, on by default). While training under the plan "
+                f"they run without it, as under gradient checkpointing (a cache would hold every "
+                f"layer's keys and values for the whole step), so the cache the model returns "
+                f"stays empty. Under torch.no_grad() or eval() the layers run as before, cache "
+                f"included. Set use_cache=False in the model's config to silence this.",
+                stacklevel=3)
         prog = _program(runner, self, args, kwargs)
         leaves = pytree.tree_leaves((args, kwargs))
         inputs = [x for x in leaves if isinstance(x, torch.Tensor)]
@@ -254,7 +268,7 @@ def _wrap(layer: torch.nn.Module, index: int, runner: _Runner) -> None:
                                     len(inputs), *inputs, *states)
         runner.calls += 1
         it = iter(outs if isinstance(outs, tuple) else (outs,))
-        filled = [next(it) if x is None else x for x in prog.out_template]
+        filled = [next(it) if x is OUTPUT else x for x in prog.out_template]
         return pytree.tree_unflatten(filled, prog.out_spec)
 
     layer.forward = types.MethodType(forward, layer)

@@ -21,6 +21,14 @@ from memoplan.ir import RuntimeLayer
 from memoplan.trace.graph import LayerTrace, release_after, trace_layer
 
 
+class _Output:
+    def __repr__(self) -> str:
+        return "OUTPUT"
+
+
+OUTPUT = _Output()  # in LayerProgram.out_template: a tensor the program computes (None is data)
+
+
 @dataclass(frozen=True, kw_only=True)
 class Handling:
     """How one saved storage (named by the fx node that creates it) is treated.
@@ -47,7 +55,7 @@ class LayerProgram:
     axes: dict[str, list[tuple[int, ...]]]
     num_outputs: int
     out_spec: Any                          # pytree spec of the layer's own return value
-    out_template: list[Any]                # its leaves; None where the program fills a tensor
+    out_template: list[Any]                # its leaves; OUTPUT where the program fills a tensor
     grad_input_pos: list[int]              # indices (into the flat tensor inputs) needing grad
     input_grad_names: list[str] = field(default_factory=list)  # backward outputs: input grads
     node: dict[str, fx.Node] = field(default_factory=dict)
@@ -114,8 +122,9 @@ def build_program(layer: torch.nn.Module, args: tuple, kwargs: dict, plan_layer:
     primary = next(p.name for p in placeholders if tr.roles[p.name] == "primary")
     handling.setdefault(primary, Handling(creator=primary, how="whole"))
     out_leaves, out_spec = pytree.tree_flatten(_layer_output(layer, args, kwargs))
-    template = [None if isinstance(x, torch.Tensor) and x.requires_grad else x for x in out_leaves]
-    if sum(x is None for x in template) != tr.num_outputs:
+    template = [OUTPUT if isinstance(x, torch.Tensor) and x.requires_grad else x
+                for x in out_leaves]
+    if sum(x is OUTPUT for x in template) != tr.num_outputs:
         raise MemoplanError(f"Layer '{layer_name}' returns tensors memoplan cannot map to its "
                             f"traced outputs.")
     tensor_inputs = [p for p in placeholders if tr.roles[p.name] in ("primary", "shared")]

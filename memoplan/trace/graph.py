@@ -18,6 +18,7 @@ arguments instead, and its result is upcast again (``shadow_call``).
 from __future__ import annotations
 
 import math
+import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +32,9 @@ from torch.utils import _pytree as pytree
 from torch.utils.flop_counter import FlopCounterMode
 
 from memoplan.errors import MemoplanError
+from memoplan.trace.cache import without_cache
+from memoplan.trace.inplace import functionalize_forward
+from memoplan.trace.kernels import register_fake_kernels
 from memoplan.trace.replay import Replay, where
 
 Role = str  # "param" | "buffer" | "primary" | "shared" | "grad_out"
@@ -112,7 +116,11 @@ def trace_layer(layer: torch.nn.Module, args: tuple, kwargs: dict, *, seq_len: i
     shadow run (``LayerTrace.real``: profiling's token-wise probes, at a short length). With
     ``real=False`` (the runtime, at the full training length) everything is fake from the start:
     nothing is computed or copied, and the trace holds no real tensor.
+
+    A key/value cache among the arguments is dropped (:mod:`memoplan.trace.cache`).
     """
+    register_fake_kernels()
+    args, kwargs, _ = without_cache(args, kwargs)
     leaves, spec = pytree.tree_flatten((args, kwargs))
     primary = pick_primary(leaves)
     tensor_pos = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor)]
@@ -143,8 +151,9 @@ def trace_layer(layer: torch.nn.Module, args: tuple, kwargs: dict, *, seq_len: i
             sample = [(tuple(t.shape), t.dtype) for t in _tensor_leaves(call(pvals, bvals, inputs))
                       if t.requires_grad]
     except Exception as e:
-        raise MemoplanError(f"Running layer '{layer_name}' on its captured arguments failed: "
-                            f"{type(e).__name__}: {e}.") from e
+        raise MemoplanError(_data_dependent(layer, layer_name, e)
+                            or f"Running layer '{layer_name}' on its captured arguments failed: "
+                               f"{type(e).__name__}: {e}.") from e
     if not sample:
         raise MemoplanError(f"Layer '{layer_name}' returned no tensor that needs a gradient, so "
                             f"it has no backward to profile.")
@@ -171,7 +180,8 @@ def trace_layer(layer: torch.nn.Module, args: tuple, kwargs: dict, *, seq_len: i
             gm = make_fx(joint, tracing_mode="fake", record_stack_traces=True)(
                 pvals, bvals, inputs, grad_outs)
     except Exception as e:
-        raise MemoplanError(_trace_failure(layer_name, e)) from e
+        raise MemoplanError(_data_dependent(layer, layer_name, e)
+                            or _trace_failure(layer_name, e)) from e
     if not boundary or boundary[0] < 0:
         raise MemoplanError("Internal: could not find the forward/backward boundary while tracing "
                             f"'{layer_name}' (torch's proxy mode API changed?).")
@@ -181,13 +191,7 @@ def trace_layer(layer: torch.nn.Module, args: tuple, kwargs: dict, *, seq_len: i
                                len(grad_outs))
     calls_fwd = [n for n in nodes[: boundary[0]] if n.op == "call_function"]
     calls_bwd = [n for n in nodes[boundary[0]:] if n.op == "call_function"]
-    writes = [n for n in calls_fwd if writes_in_place(n)]
-    if writes:
-        raise MemoplanError(
-            f"Layer '{layer_name}' writes in place in its forward ({len(writes)} op(s), the first "
-            f"{where(writes[0])}). memoplan replays and recomputes a layer's "
-            f"ops, which an in-place write would apply twice. Write it out of place "
-            f"('h = h * 2' instead of 'h.mul_(2)' or 'h *= 2').")
+    functionalize_forward(gm, calls_fwd, roles, layer_name)
     flat_inputs = [pvals, bvals, [x.detach().requires_grad_(x.requires_grad) for x in inputs],
                    grad_outs]
     interp = _RecordingInterpreter(gm)
@@ -211,6 +215,37 @@ def _placeholder_roles(placeholders: list[fx.Node], n_params: int, n_buffers: in
         raise MemoplanError(f"Internal: traced graph has {len(placeholders)} inputs, expected "
                             f"{len(roles)}.")
     return {p.name: r for p, r in zip(placeholders, roles)}
+
+
+def _user_frame(e: BaseException) -> str:
+    """The innermost frame of ``e``'s traceback outside torch and memoplan, as 'file, line'."""
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if "/torch/" not in f.filename and "/memoplan/" not in f.filename]
+    return f" at {frames[-1].filename}, line {frames[-1].lineno} ({frames[-1].line})" if frames else ""
+
+
+def _data_dependent(layer: torch.nn.Module, layer_name: str, e: Exception) -> str | None:
+    """A message for a layer whose shapes depend on tensor values (``nonzero``, ``.item()``),
+    naming the transformers setting that avoids them where there is one; None for others."""
+    kinds = ("DynamicOutputShapeException", "DataDependentOutputException",
+             "GuardOnDataDependentSymNode")
+    if type(e).__name__ not in kinds:
+        return None
+    text = (f"Layer '{layer_name}' has shapes that depend on tensor values ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}){_user_frame(e)}. memoplan traces a "
+            f"layer with static shapes, so it cannot plan this code path.")
+    impls = {getattr(getattr(m, "config", None), "_experts_implementation", None)
+             for m in layer.modules()}
+    if "eager" in impls:
+        text += (" It is transformers' 'eager' experts implementation (a Python loop over the "
+                 "experts that tokens were routed to): use transformers' default, "
+                 "model.set_experts_implementation('grouped_mm') (or experts_implementation="
+                 "'grouped_mm' in from_pretrained/from_config), which memoplan traces.")
+    else:
+        text += (" Write the layer without data-dependent shapes (masks and gathers of fixed "
+                 "size instead of nonzero() or boolean indexing), or pass another class with "
+                 "--layer.")
+    return text
 
 
 def _trace_failure(layer_name: str, e: Exception) -> str:
@@ -370,10 +405,3 @@ def release_after(nodes: list[fx.Node], keep: set[str]) -> dict[str, list[str]]:
         if name not in keep:
             drops.setdefault(at, []).append(name)
     return drops
-
-
-def writes_in_place(n: fx.Node) -> bool:
-    """Whether ``n``'s op writes into one of its arguments (``mul_``, ``copy_``, ``out=``)."""
-    schema = getattr(n.target, "_schema", None)
-    return schema is not None and any(
-        a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)

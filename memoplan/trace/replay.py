@@ -43,6 +43,8 @@ class Replay(fx.Interpreter):
 
     def value(self, n: fx.Node) -> Any:
         if n.name not in self.values:
+            if n.op == "get_attr":  # a constant the layer made (torch.tensor(...) in forward)
+                return self.fetch_attr(n.target)
             if self._load is None:
                 raise KeyError(f"no value for '{n.name}'")
             self.values[n.name] = self.outside(n, self._load(n.name))

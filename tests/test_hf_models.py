@@ -1,0 +1,116 @@
+"""Tiny Hugging Face models in their default configurations (KV cache on, dropout on, in-place
+ops inside library code), and a decoder made only of torch.nn parts: each profiles, solves
+with alpha 0.5, and trains two steps at 512 and 509 tokens with the loss and gradients of plain
+training (fp32, same seed before each step). Under torch.no_grad() or eval() a model under a
+plan behaves as before: ``generate()`` gives the same tokens."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from memoplan.hardware import get_hardware
+from memoplan.runtime import apply
+from memoplan.solve import SolveConfig, solve_plan
+from memoplan.trace import ProfileConfig, profile_model
+from memoplan.trace.loader import load_model_file
+
+pytest.importorskip("transformers", reason="transformers is a test dependency")
+
+MODELS = Path(__file__).parent / "models"
+HF = MODELS / "hf_default.py"
+# each case costs ~10-20 s on 2 cores; the ones marked slow run with `pytest -m slow`
+FAST = ["llama", "gpt2", "bert", "falcon", "t5"]
+SLOW = ["qwen3", "mistral", "gemma2", "phi3", "gpt_neox", "olmo2"]
+
+
+def _plan(path: Path, alpha: float):
+    prof = profile_model(ProfileConfig(model_file=path, seq=128))
+    plan = solve_plan(prof, SolveConfig(seq=8192, hardware=get_hardware("h200"), time_limit=2.0,
+                                        keep_last=1))
+    layers = tuple(dataclasses.replace(l, alpha=alpha) if l.mode == "offload" else l
+                   for l in plan.layers)
+    return prof, dataclasses.replace(plan, layers=layers)
+
+
+def _train_and_compare(path: Path, *, alpha: float = 0.5, lengths=(512, 509)):
+    prof, plan = _plan(path, alpha)
+    mf = load_model_file(path)
+    model = mf.build_model()
+    ref = copy.deepcopy(model)
+    apply(model, plan, debug_poison=True)
+    for step, seq in enumerate(lengths):
+        losses, grads = [], []
+        for m in (model, ref):
+            m.zero_grad()
+            inputs = mf.example_inputs(seq)
+            torch.manual_seed(1000 + step)
+            loss = mf.loss_fn(m(**inputs))
+            loss.backward()
+            losses.append(loss.detach())
+            grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+        torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=0)
+        assert grads[0].keys() == grads[1].keys() and grads[0]
+        for name in grads[0]:
+            torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-7,
+                                       msg=name)
+    runner = model._memoplan_runner
+    assert runner.calls == len(lengths) * len(plan.layers)
+    assert runner.recomputed_tokens > 0  # dropped tokens really were rebuilt
+    return prof, plan, model, mf
+
+
+@pytest.fixture
+def arch(monkeypatch):
+    def set_arch(name: str) -> Path:
+        monkeypatch.setenv("MEMOPLAN_HF_ARCH", name)
+        return HF
+    return set_arch
+
+
+@pytest.mark.parametrize("name", FAST + [pytest.param(n, marks=pytest.mark.slow) for n in SLOW])
+def test_default_config_trains_like_plain_training(arch, name):
+    _train_and_compare(arch(name))
+
+
+def test_a_decoder_of_torch_nn_parts():
+    """nn.RMSNorm (in-place add_ in its decomposition), nn.Dropout and SDPA with dropout."""
+    _train_and_compare(MODELS / "nn_decoder.py")
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_generate_and_eval_are_untouched(arch, name):
+    """generate() (no grad, KV cache) gives the same tokens after apply as before, also after
+    training steps under the plan; eval() under grad runs the layers as they were."""
+    path = arch(name)
+    _, plan = _plan(path, 0.5)
+    mf = load_model_file(path)
+    model = mf.build_model()
+    prompt = mf.example_inputs(12)["input_ids"]
+
+    def generate(m):
+        m.eval()
+        out = m.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+        m.train()
+        return out
+
+    before = generate(model)
+    ref = copy.deepcopy(model)
+    apply(model, plan)
+    with pytest.warns(UserWarning, match="key/value cache"):
+        mf.loss_fn(model(**mf.example_inputs(64))).backward()
+    mf.loss_fn(ref(**mf.example_inputs(64))).backward()
+    assert torch.equal(generate(model), before)
+    model.eval()
+    ref.eval()
+    calls = model._memoplan_runner.calls
+    a, b = model(**mf.example_inputs(32)), ref(**mf.example_inputs(32))
+    assert model._memoplan_runner.calls == calls  # eval: the original forward ran
+    torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=0)
+    assert a.past_key_values.get_seq_length() == b.past_key_values.get_seq_length() == 32
