@@ -67,9 +67,12 @@ def plot(
 
 def profile_facts(p: Profile) -> dict[str, Any]:
     """The figures of a profile that scripts want, as plain JSON data."""
-    saved: Counter[str] = Counter()
+    saved: Counter[str] = Counter()        # linear coefficient of the size laws
+    saved_bytes: Counter[str] = Counter()  # bytes at seq_len (quadratic parts included)
     for t in p.layer.saved:
-        saved[f"{t.kind}_token_wise" if t.token_wise else t.kind] += t.bytes_per_token
+        key = f"{t.kind}_token_wise" if t.token_wise else t.kind
+        saved[key] += t.bytes_per_token
+        saved_bytes[key] += t.bytes
     L = p.layer
     return {
         "kind": "profile", "schema": p.schema, "hash": p.hash,
@@ -79,6 +82,8 @@ def profile_facts(p: Profile) -> dict[str, Any]:
         "seq_lens": list(p.seq_lens), "saved_bytes_per_token": dict(saved),
         "saved_bytes_per_token_per_layer": sum(t.bytes_per_token for t in L.saved
                                                if t.kind != "shared"),
+        "saved_bytes": dict(saved_bytes),
+        "saved_bytes_per_layer": sum(t.bytes for t in L.saved if t.kind != "shared"),
         "peak_bytes": {"forward": L.peak_forward, "backward": L.peak_backward},
         "requests": {"forward": len(L.requests_forward), "backward": len(L.requests_backward)},
         "segments": len(L.segments), "mixing_ops": list(L.mixing_ops),

@@ -11,8 +11,20 @@ from memoplan.ir import Plan, Profile
 from memoplan.units import fmt_bytes, fmt_seconds
 
 
+def law_text(coeffs: list[tuple[float, ...]]) -> str:
+    """The sum of size laws, as text in S tokens: ``law_text([(48, 6544, 2)]) ==
+    '48 + 6,544·S + 2·S²'``."""
+    n = max(map(len, coeffs), default=0)
+    total = [sum(c[i] for c in coeffs if i < len(c)) for i in range(n)]
+    terms = [(f"{x:,.0f}" if x == round(x) else f"{x:,.3g}")
+             + (("", "·S", "·S²")[i] if i < 3 else f"·S^{i}")
+             for i, x in enumerate(total) if x != 0]
+    return " + ".join(terms).replace("+ -", "- ") or "0"
+
+
 def profile_summary(p: Profile) -> Group:
-    """Layer class and count, skeletal bytes per token by kind, transient peaks, FLOPs, times."""
+    """Layer class and count, skeletal bytes by kind (at the profiled length: in all, per token,
+    and as a law in S), transient peaks, FLOPs, times."""
     m, L = p.model, p.layer
     head = Table.grid(padding=(0, 2))
     head.add_row("layer", f"{m.layer_class} x {m.num_layers}  ({m.layer_path}, {m.dtype})")
@@ -20,21 +32,26 @@ def profile_summary(p: Profile) -> Group:
                                f"{fmt_bytes(m.param_bytes_total)} in all")
     head.add_row("profiled at", ", ".join(str(s) for s in p.seq_lens) + " tokens")
 
-    kinds: dict[str, list[float]] = defaultdict(lambda: [0.0, 0, 0])
+    # per kind: tensors, bytes at the profiled length, size law (sum of the tensors' laws)
+    kinds: dict[str, list] = defaultdict(lambda: [0, 0, []])
     for t in L.saved:
-        key = f"{t.kind}{' (token-wise)' if t.token_wise else ''}"
-        kinds[key][0] += t.bytes_per_token
-        kinds[key][1] += t.bytes
-        kinds[key][2] += 1
-    saved = Table(title="skeletal tensors (saved for backward)", title_justify="left")
+        row = kinds[f"{t.kind}{' (token-wise)' if t.token_wise else ''}"]
+        row[0] += 1
+        row[1] += t.bytes
+        row[2].append(t.law.coeffs)
+    seq = p.seq_len
+    saved = Table(title=f"skeletal tensors (saved for backward) at {seq} tokens",
+                  title_justify="left", caption=f"bytes/token: bytes at {seq} tokens / {seq}; "
+                                                "law: bytes at S tokens")
     saved.add_column("kind")
-    saved.add_column("tensors", justify="right")
-    saved.add_column("bytes/token", justify="right")
-    saved.add_column(f"bytes at {p.seq_len}", justify="right")
-    for key, (bpt, nbytes, count) in sorted(kinds.items()):
-        saved.add_row(key, str(count), f"{bpt:,.0f}", fmt_bytes(nbytes))
-    per_layer = sum(t.bytes_per_token for t in L.saved if t.kind != "shared")
-    saved.add_row("per layer (shared counted apart)", "", f"{per_layer:,.0f}", "", style="bold")
+    for col in ("tensors", "bytes", "bytes/token", "law"):
+        saved.add_column(col, justify="right")
+    for key, (count, nbytes, laws) in sorted(kinds.items()):
+        saved.add_row(key, str(count), fmt_bytes(nbytes), f"{nbytes / seq:,.0f}", law_text(laws))
+    layer = [t for t in L.saved if t.kind != "shared"]
+    nbytes = sum(t.bytes for t in layer)
+    saved.add_row("per layer (no shared)", str(len(layer)), fmt_bytes(nbytes),
+                  f"{nbytes / seq:,.0f}", law_text([t.law.coeffs for t in layer]), style="bold")
 
     other = Table.grid(padding=(0, 2))
     other.add_row("transient peak", f"forward {fmt_bytes(L.peak_forward)}, backward "
