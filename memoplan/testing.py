@@ -4,8 +4,11 @@
 like CUDA's ``_scaled_dot_product_flash_attention`` and cuDNN attention, refuses float32
 ("only support fp16 and bf16"). A small bf16 decoder that uses it as its attention shows on a
 CPU whether memoplan ever runs such an op in a precision it refuses (profiling's real-valued
-probes, the runtime's replay and recomputation). The forward returns the output and the
-float32 log-sum-exp, and the backward reads both, as the flash kernels do.
+probes, the runtime's replay and recomputation). The forward returns the output, the
+float32 log-sum-exp and, as the flash kernels do for dropout, a philox-style seed and offset
+(int64 scalars drawn from the default generator, empty without dropout); the backward reads
+all four and rebuilds the dropout mask from the seed, so a seed that was redrawn, or
+overwritten while it waited for backward, gives wrong gradients.
 """
 
 from __future__ import annotations
@@ -31,62 +34,83 @@ def _scores(q: torch.Tensor, k: torch.Tensor, is_causal: bool) -> torch.Tensor:
     return s
 
 
-@torch.library.custom_op("memoplan_testing::flash_attention", mutates_args=())
-def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    is_causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, logsumexp) of attention over [..., S, D] inputs; refuses float32."""
+def _keep(shape: torch.Size, seed: torch.Tensor, offset: torch.Tensor, p: float) -> torch.Tensor:
+    """The dropout mask (scaled by 1/(1-p)) that ``seed`` and ``offset`` stand for."""
+    g = torch.Generator().manual_seed(int(seed) + int(offset))
+    return (torch.rand(shape, generator=g) >= p).float() / (1 - p)
+
+
+@torch.library.custom_op("memoplan_testing::flash_attention", mutates_args=(),
+                         tags=(torch.Tag.nondeterministic_seeded,))
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, is_causal: bool,
+                    dropout_p: float = 0.0
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out, logsumexp, seed, offset) of attention over [..., S, D] inputs; refuses float32."""
     _refuse_fp32("flash_attention", q, k, v)
     s = _scores(q, k, is_causal)
     lse = torch.logsumexp(s, dim=-1)
-    out = (torch.exp(s - lse.unsqueeze(-1)) @ v.float()).to(q.dtype)
-    return out, lse
+    p = torch.exp(s - lse.unsqueeze(-1))
+    if dropout_p > 0:
+        seed = torch.randint(1 << 40, (), dtype=torch.int64)
+        offset = torch.randint(1 << 20, (), dtype=torch.int64)
+        p = p * _keep(p.shape, seed, offset, dropout_p)
+    else:
+        seed, offset = torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64)
+    return (p @ v.float()).to(q.dtype), lse, seed, offset
 
 
 @flash_attention.register_fake
-def _(q, k, v, is_causal):
-    return q.new_empty(*q.shape[:-1], v.shape[-1]), q.new_empty(q.shape[:-1], dtype=torch.float32)
+def _(q, k, v, is_causal, dropout_p=0.0):
+    shape = () if dropout_p > 0 else (0,)
+    return (q.new_empty(*q.shape[:-1], v.shape[-1]),
+            q.new_empty(q.shape[:-1], dtype=torch.float32),
+            q.new_empty(shape, dtype=torch.int64), q.new_empty(shape, dtype=torch.int64))
 
 
 @torch.library.custom_op("memoplan_testing::flash_attention_backward", mutates_args=())
 def flash_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                              v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                             is_causal: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                             seed: torch.Tensor, offset: torch.Tensor, is_causal: bool,
+                             dropout_p: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv); refuses float32 like the flash backward kernel."""
     _refuse_fp32("flash_attention_backward", grad, q, k, v, out)
     p = torch.exp(_scores(q, k, is_causal) - lse.unsqueeze(-1))
+    keep = _keep(p.shape, seed, offset, dropout_p) if dropout_p > 0 else 1.0
     g = grad.float()
-    dv = p.transpose(-2, -1) @ g
-    dp = g @ v.float().transpose(-2, -1)
+    dv = (p * keep).transpose(-2, -1) @ g
+    dp = (g @ v.float().transpose(-2, -1)) * keep
     ds = p * (dp - (g * out.float()).sum(-1, keepdim=True)) * q.shape[-1] ** -0.5
     dq, dk = ds @ k.float(), ds.transpose(-2, -1) @ q.float()
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
 @flash_attention_backward.register_fake
-def _(grad, q, k, v, out, lse, is_causal):
+def _(grad, q, k, v, out, lse, seed, offset, is_causal, dropout_p):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, is_causal = inputs
+    q, k, v, is_causal, *rest = inputs
     ctx.save_for_backward(q, k, v, *output)
     ctx.is_causal = is_causal
+    ctx.dropout_p = rest[0] if rest else 0.0
 
 
-def _backward(ctx, grad_out, grad_lse):
-    q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = flash_attention_backward(grad_out, q, k, v, out, lse, ctx.is_causal)
-    return dq, dk, dv, None
+def _backward(ctx, grad_out, grad_lse, grad_seed, grad_offset):
+    q, k, v, out, lse, seed, offset = ctx.saved_tensors
+    dq, dk, dv = flash_attention_backward(grad_out, q, k, v, out, lse, seed, offset,
+                                          ctx.is_causal, ctx.dropout_p)
+    return dq, dk, dv, None, None
 
 
 flash_attention.register_autograd(_backward, setup_context=_setup)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              is_causal: bool = True) -> torch.Tensor:
-    """Drop-in for ``F.scaled_dot_product_attention(q, k, v, is_causal=...)`` that refuses
-    float32 inputs, as the flash kernel does on a GPU."""
-    return flash_attention(q, k, v, is_causal)[0]
+              is_causal: bool = True, dropout_p: float = 0.0) -> torch.Tensor:
+    """Drop-in for ``F.scaled_dot_product_attention(q, k, v, is_causal=..., dropout_p=...)``
+    that refuses float32 inputs, as the flash kernel does on a GPU."""
+    return flash_attention(q, k, v, is_causal, dropout_p)[0]
 
 
 def _attention_flops(q_shape, k_shape, v_shape, is_causal) -> int:
@@ -104,7 +128,8 @@ def _register_flops() -> None:
     register_flop_formula(torch.ops.memoplan_testing.flash_attention)(
         lambda q, k, v, is_causal, *a, **kw: _attention_flops(q, k, v, is_causal))
     register_flop_formula(torch.ops.memoplan_testing.flash_attention_backward)(
-        lambda g, q, k, v, o, lse, is_causal, *a, **kw: 2 * _attention_flops(q, k, v, is_causal))
+        lambda g, q, k, v, o, lse, seed, offset, is_causal, *a, **kw:
+        2 * _attention_flops(q, k, v, is_causal))
 
 
 _register_flops()

@@ -72,3 +72,35 @@ def test_bf16_training_under_a_plan_equals_plain(flash_plan, alpha):
     s = stats(model)
     assert s["layer_calls"] == 2 * len(plan.layers)
     assert (s["recomputed_tokens"] > 0) == (alpha < 1.0)
+
+
+@pytest.mark.parametrize("mode", ["offload", "recompute", "keep"])
+def test_attention_dropout_seeds_are_kept_not_redrawn(monkeypatch, mode):
+    """Flash attention with dropout returns a seed and offset that its backward reads to rebuild
+    the mask (the stand-in does the same): under a plan they must come back intact (a copy
+    overwritten in arena memory, or a seed drawn again by a re-run, gives other gradients).
+    With the same seed before each step, the gradients equal plain bf16 training bit for bit."""
+    monkeypatch.setenv("MEMOPLAN_FLASH_DROPOUT", "0.25")
+    mf = load_model_file(MODEL)
+    assert mf.module.DROPOUT == 0.25
+    prof = profile_model(ProfileConfig(model_file=MODEL, seq=128))
+    seeds = [t for t in prof.layer.saved if t.dtype == "int64"]
+    assert len(seeds) == 2 and all(t.kind == "mixing_output" for t in seeds)
+    plan = solve_plan(prof, SolveConfig(seq=8192, hardware=get_hardware("h200"), time_limit=2.0))
+    n = len(plan.layers)
+    plan = dataclasses.replace(plan, layers=tuple(
+        dataclasses.replace(l, mode=mode if l.index < n - 1 else "keep", alpha=0.5)
+        for l in plan.layers))
+    model = mf.build_model()
+    ref = copy.deepcopy(model)
+    apply(model, plan, debug_poison=True)
+    for step in range(2):
+        grads = []
+        for m in (model, ref):
+            m.zero_grad()
+            torch.manual_seed(7 + step)
+            mf.loss_fn(m(*mf.example_inputs(100 + step))).backward()
+            grads.append([p.grad for p in m.parameters()])
+        for a, b in zip(*grads):
+            assert torch.equal(a, b)
+    assert all(p.random for p in model._memoplan_runner.programs.values())

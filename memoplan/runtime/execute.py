@@ -100,6 +100,10 @@ def forward_layer(prog: LayerProgram, mode: str, alpha: float, copier: Copier, i
         elif mode == "recompute":
             if prog.roles.get(c) == "primary":
                 state.device[c] = value
+        elif value.device != device:
+            # host memory already, kept by reference: flash attention's dropout seed and offset
+            # are CPU scalars that its backward reads on the host, never a device copy
+            state.device[c] = value
         elif h.how == "whole":
             state.layout[c] = dim_order(value)
             copies.append((c, value))

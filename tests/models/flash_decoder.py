@@ -5,6 +5,8 @@ attention is ``memoplan.testing.attention``, a custom op that raises on float32 
 CPU run shows whether profiling or the runtime ever runs attention upcast to float32.
 """
 
+import os
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -13,6 +15,8 @@ from memoplan.testing import attention
 
 DIM, HEADS, FFN, LAYERS, VOCAB = 64, 4, 128, 3, 128
 DTYPE = torch.bfloat16
+# attention dropout, as flash attention runs it (a seed and offset saved for backward)
+DROPOUT = float(os.environ.get("MEMOPLAN_FLASH_DROPOUT", "0"))
 
 
 class Norm(nn.Module):
@@ -38,7 +42,7 @@ class Block(nn.Module):
     def forward(self, x):
         B, S, _ = x.shape
         q, k, v = self.qkv(self.n1(x)).view(B, S, 3, HEADS, DIM // HEADS).permute(2, 0, 3, 1, 4)
-        y = attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, S, DIM)
+        y = attention(q, k, v, is_causal=True, dropout_p=DROPOUT if self.training else 0.0).transpose(1, 2).reshape(B, S, DIM)
         x = x + self.o(y)
         gate, up = self.up(self.n2(x)).chunk(2, dim=-1)
         return x + self.down(F.silu(gate) * up)
