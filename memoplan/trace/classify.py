@@ -4,10 +4,12 @@ Sequence axes come from comparing the same graph traced at several lengths: a di
 changes with the length is a token axis. Whether an op is token-wise is tested on its real
 inputs (a probe): perturb token t of every input that has one token axis, run the op again,
 and check that only token t of its output changed (t = first, middle and last token, so causal
-and anti-causal mixing both show). Ops on values with two token axes (attention scores), ops that
-reduce the token axis away, ops that make a token axis from no token input (``arange(S)``:
-their values depend on where the tokens are) and ops whose probe fails are token-mixing. ``getitem`` of a
-multi-output op shares its op's class.
+and anti-causal mixing both show). The comparison is exact, against the op run on unperturbed
+copies laid out as the perturbed ones are (a CPU kernel may round differently on a strided view
+than on a contiguous copy, which is no mixing). Ops on values with two token axes (attention
+scores), ops that reduce the token axis away, ops that make a token axis from no token input
+(``arange(S)``: their values depend on where the tokens are) and ops whose probe fails are
+token-mixing. ``getitem`` of a multi-output op shares its op's class.
 """
 
 from __future__ import annotations
@@ -106,8 +108,32 @@ def classify_forward(trace: LayerTrace, axes: dict[str, list[tuple[int, ...]]]
     return classes
 
 
+def _overlaps(x: torch.Tensor) -> bool:
+    """True unless ``x``'s strides surely give every element its own memory (an expanded view,
+    stride 0, is the usual overlap). Dims sorted by stride, each must step past the extent of
+    the smaller ones."""
+    extent = 1
+    dims = sorted((d for d in zip(x.shape, x.stride()) if d[0] > 1), key=lambda d: d[1])
+    for size, stride in dims:
+        if stride < extent:
+            return True
+        extent += (size - 1) * stride
+    return False
+
+
+def _copy(x: torch.Tensor) -> torch.Tensor:
+    """A copy of ``x`` laid out as ``x`` is: a copy of its whole storage, viewed with ``x``'s
+    size, strides and storage offset, so an op on it takes the kernel path it took on ``x``
+    (``clone`` makes a gapped view such as ``chunk``'s halves contiguous). A view whose elements
+    share memory is copied contiguous instead, so that one token can be changed alone."""
+    if x.layout != torch.strided or _overlaps(x):
+        return x.clone(memory_format=torch.contiguous_format)
+    storage = x.untyped_storage().clone()
+    return x.new_empty(0).set_(storage, x.storage_offset(), x.size(), x.stride())
+
+
 def _perturb(x: torch.Tensor, axis: int, t: int) -> torch.Tensor:
-    y = x.clone()
+    y = _copy(x)
     sl = y.select(axis, t)
     if y.dtype == torch.bool:
         sl.logical_not_()
@@ -122,18 +148,28 @@ def _perturb(x: torch.Tensor, axis: int, t: int) -> torch.Tensor:
 
 def _probe_token_wise(n: fx.Node, trace: LayerTrace, axes: dict[str, list[tuple[int, ...]]]) -> bool:
     env = trace.real
-    base_out = tensors_of(env[n.name])
-    out_axes = axes[n.name]
-    seq = next(t.shape[a[0]] for t, a in zip(base_out, out_axes) if t is not None and len(a) == 1)
-    for t in sorted({0, seq // 2, seq - 1}):
+
+    def run(t: int | None) -> list[torch.Tensor | None]:
+        """The op on copies of its real inputs laid out as they are, token t perturbed (None:
+        nothing perturbed). Baseline and probes see the same layouts, so they compare exactly."""
         def load(a: fx.Node) -> Any:
             v = env[a.name]
+            if not isinstance(v, torch.Tensor):
+                return v
             ax = _axes_of_arg(a, axes)
-            if isinstance(v, torch.Tensor) and ax is not None and len(ax) == 1:
-                return _perturb(v, ax[0], t)
-            return v.clone() if isinstance(v, torch.Tensor) else v
+            return _perturb(v, ax[0], t) if t is not None and ax is not None and len(ax) == 1 \
+                else _copy(v)
+        return tensors_of(shadow_call(n, load, trace.values))
+
+    out_axes = axes[n.name]
+    try:
+        base_out = run(None)
+    except Exception:
+        return False  # an op that fails on copies of its own inputs: kept whole, never recomputed
+    seq = next(t.shape[a[0]] for t, a in zip(base_out, out_axes) if t is not None and len(a) == 1)
+    for t in sorted({0, seq // 2, seq - 1}):
         try:
-            new_out = tensors_of(shadow_call(n, load, trace.values))
+            new_out = run(t)
         except Exception:
             return False  # a probe the op rejects: treat as mixing (kept whole, never recomputed)
         for old, new, ax in zip(base_out, new_out, out_axes):
