@@ -27,7 +27,7 @@ MODELS = Path(__file__).parent / "models"
 HF = MODELS / "hf_default.py"
 # each case costs ~10-20 s on 2 cores; the ones marked slow run with `pytest -m slow`
 FAST = ["llama", "gpt2", "bert", "falcon", "t5"]
-SLOW = ["qwen3", "mistral", "gemma2", "phi3", "gpt_neox", "olmo2"]
+SLOW = ["qwen3", "mistral", "gemma2", "phi3", "gpt_neox", "olmo2", "mixtral", "qwen2_moe"]
 
 
 def _plan(path: Path, alpha: float):

@@ -97,7 +97,9 @@ def classify_forward(trace: LayerTrace, axes: dict[str, list[tuple[int, ...]]]
         out_axes = axes.get(n.name, [])
         has_in = any(len(a) >= 1 for a in in_axes)
         has_out = any(len(a) >= 1 for a in out_axes)
-        if not has_in and not has_out:
+        if _never_recomputed(n):
+            classes[n.name] = "mixing"
+        elif not has_in and not has_out:
             classes[n.name] = "free"
         elif any(len(a) >= 2 for a in in_axes + out_axes) or (has_in != has_out):
             # two token axes (scores), a reduction over tokens, or a value that grows with the
@@ -106,6 +108,17 @@ def classify_forward(trace: LayerTrace, axes: dict[str, list[tuple[int, ...]]]
         else:
             classes[n.name] = "token" if _probe_token_wise(n, trace, axes) else "mixing"
     return classes
+
+
+def _never_recomputed(n: fx.Node) -> bool:
+    """Ops classed as mixing whatever a probe says: a random op (dropout's ``bernoulli``, a
+    flash kernel's seed) would draw again when recomputed, and a grouped matmul (``offs``: MoE
+    experts) splits its rows into groups by absolute position, so a token subset would fall
+    into the wrong groups although each row's probe looks token-wise."""
+    tags = getattr(n.target, "tags", ())
+    schema = getattr(n.target, "_schema", None)
+    return (torch.Tag.nondeterministic_seeded in tags
+            or (schema is not None and any(a.name == "offs" for a in schema.arguments)))
 
 
 def _overlaps(x: torch.Tensor) -> bool:
@@ -269,8 +282,19 @@ def saved_storages(trace: LayerTrace, classes: dict[str, NodeClass]) -> list[Sav
         c = creators[ptr]
         kinds[ptr] = input_kind.get(ptr) or ("mixing_output" if classes.get(c.name) == "mixing"
                                              else "other")
-    kept = {creators[p].name for p, k in kinds.items() if k != "other"}
+    # what is kept whole (inputs, mixing outputs, and saved tensors that cannot be rebuilt by
+    # token, such as a dropout mask) is where rebuilding the others may start: grow the
+    # token-wise set until it stops changing (it only grows as more is kept)
     mutated = _mutated_storages(trace)
+    base = {creators[p].name for p, k in kinds.items() if k != "other"}
+    token_wise: set[int] = set()
+    while True:
+        kept = base | {creators[p].name for p in read if p not in token_wise}
+        now = {p for p in read if kinds[p] == "other" and p not in mutated
+               and _recomputable(creators[p], classes, kept, trace.roles)}
+        if now == token_wise:
+            break
+        token_wise = now
     primary = next(p for p in placeholders if trace.roles[p.name] == "primary")
     primary_ptr = trace.storage(primary.name)[0]
     out = []
@@ -279,9 +303,8 @@ def saved_storages(trace: LayerTrace, classes: dict[str, NodeClass]) -> list[Sav
                                 nbytes=trace.storage(primary.name)[1], autograd_saved=False))
     for ptr in sorted(read, key=lambda p: order[creators[p].name]):
         c = creators[ptr]
-        tw = (kinds[ptr] == "other" and ptr not in mutated
-              and _recomputable(c, classes, kept, trace.roles))
-        out.append(SavedStorage(creator=c, nodes=tuple(read[ptr]), kind=kinds[ptr], token_wise=tw,
+        out.append(SavedStorage(creator=c, nodes=tuple(read[ptr]), kind=kinds[ptr],
+                                token_wise=ptr in token_wise,
                                 nbytes=trace.storage(c.name)[1]))
     return out
 
