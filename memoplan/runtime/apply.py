@@ -36,7 +36,7 @@ from memoplan import jsonio
 from memoplan.runtime import allocator
 from memoplan.runtime.arena import Arena
 from memoplan.runtime.execute import LayerState, backward_layer, forward_layer, prefetch_layer
-from memoplan.runtime.program import OUTPUT, LayerProgram, build_program
+from memoplan.runtime.program import OUTPUT, LayerProgram, PassedThrough, build_program
 from memoplan.runtime.streams import ALIGN, Copier, modified_in_place
 from memoplan.signature import layer_signature
 from memoplan.trace.cache import without_cache
@@ -219,19 +219,22 @@ def apply(model: torch.nn.Module, plan: Plan, *, debug_poison: bool = False,
     planned allocator (``install_allocator()``): the arena reserves the plan's whole
     ``arena_bytes`` and pays off only when the layers' transients are planned into it too.
     """
-    layers = [m for m in model.modules() if type(m).__name__ == plan.layer_class]
-    if not layers:
+    same_class = [m for m in model.modules() if type(m).__name__ == plan.layer_class]
+    if not same_class:
         raise MemoplanError(f"The model has no layer of class '{plan.layer_class}', the class "
                             f"this plan was solved for.")
+    # only the instances built like the profiled one (T5: the encoder's blocks 1.., not block 0
+    # with its relative attention bias, nor the decoder's blocks with cross-attention)
+    layers = [m for m in same_class if layer_signature(m) == plan.profile_hash]
+    if not layers:
+        raise MemoplanError(
+            f"This plan was solved for another layer (profile hash {plan.profile_hash}, this "
+            f"model's '{plan.layer_class}' hashes to {layer_signature(same_class[0])}: its "
+            f"parameters' names, shapes or dtypes differ). Profile this model and solve a new "
+            f"plan.")
     if len(layers) != len(plan.layers):
         raise MemoplanError(f"The plan is for {len(plan.layers)} layers of '{plan.layer_class}', "
                             f"the model has {len(layers)}. Solve a plan for this model.")
-    found = layer_signature(layers[0])
-    if found != plan.profile_hash:
-        raise MemoplanError(
-            f"This plan was solved for another layer (profile hash {plan.profile_hash}, this "
-            f"model's '{plan.layer_class}' hashes to {found}: its parameters' names, shapes or "
-            f"dtypes differ). Profile this model and solve a new plan.")
     runner = _Runner(plan, arena)
     runner.poison = debug_poison
     for index, layer in enumerate(layers):
@@ -268,7 +271,8 @@ def _wrap(layer: torch.nn.Module, index: int, runner: _Runner) -> None:
                                     len(inputs), *inputs, *states)
         runner.calls += 1
         it = iter(outs if isinstance(outs, tuple) else (outs,))
-        filled = [next(it) if x is OUTPUT else x for x in prog.out_template]
+        filled = [next(it) if x is OUTPUT else leaves[x.index] if isinstance(x, PassedThrough)
+                  else x for x in prog.out_template]
         return pytree.tree_unflatten(filled, prog.out_spec)
 
     layer.forward = types.MethodType(forward, layer)

@@ -55,7 +55,7 @@ class LayerProgram:
     axes: dict[str, list[tuple[int, ...]]]
     num_outputs: int
     out_spec: Any                          # pytree spec of the layer's own return value
-    out_template: list[Any]                # its leaves; OUTPUT where the program fills a tensor
+    out_template: list[Any]                # its leaves: OUTPUT, PassedThrough, or data
     grad_input_pos: list[int]              # indices (into the flat tensor inputs) needing grad
     input_grad_names: list[str] = field(default_factory=list)  # backward outputs: input grads
     node: dict[str, fx.Node] = field(default_factory=dict)
@@ -121,9 +121,9 @@ def build_program(layer: torch.nn.Module, args: tuple, kwargs: dict, plan_layer:
             handling[c] = Handling(creator=c, how="whole")
     primary = next(p.name for p in placeholders if tr.roles[p.name] == "primary")
     handling.setdefault(primary, Handling(creator=primary, how="whole"))
-    out_leaves, out_spec = pytree.tree_flatten(_layer_output(layer, args, kwargs))
-    template = [OUTPUT if isinstance(x, torch.Tensor) and x.requires_grad else x
-                for x in out_leaves]
+    output, fake_leaves = _layer_output(layer, args, kwargs)
+    out_leaves, out_spec = pytree.tree_flatten(output)
+    template = [_template_entry(x, k, fake_leaves, layer_name) for k, x in enumerate(out_leaves)]
     if sum(x is OUTPUT for x in template) != tr.num_outputs:
         raise MemoplanError(f"Layer '{layer_name}' returns tensors memoplan cannot map to its "
                             f"traced outputs.")
@@ -154,8 +154,34 @@ def _requires_grad(tr: LayerTrace, name: str) -> bool:
     return isinstance(v, torch.Tensor) and v.requires_grad
 
 
-def _layer_output(layer: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
-    """The layer's return value on fake copies of its arguments (for its structure only)."""
+@dataclass(frozen=True)
+class PassedThrough:
+    """In ``LayerProgram.out_template``: the layer returns its argument ``index`` (a leaf of
+    the call's ``(args, kwargs)``) as it is, such as T5's attention bias from block to block."""
+
+    index: int
+
+
+def _template_entry(x: Any, k: int, inputs: list[Any], layer_name: str) -> Any:
+    """What output leaf ``x`` (of the fake run) becomes in the template: OUTPUT (computed by the
+    program), PassedThrough (an argument returned as is), or itself (non-tensor data)."""
+    if not isinstance(x, torch.Tensor):
+        return x
+    if x.requires_grad:
+        return OUTPUT
+    j = next((j for j, a in enumerate(inputs) if a is x), None)
+    if j is None:
+        raise MemoplanError(
+            f"Layer '{layer_name}' returns a tensor that needs no gradient and is none of its "
+            f"arguments (output #{k}, shape {tuple(x.shape)}); memoplan runs only the outputs "
+            f"that carry gradients. Compute it outside the layer, or pass another class with "
+            f"--layer.")
+    return PassedThrough(j)
+
+
+def _layer_output(layer: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[Any, list[Any]]:
+    """The layer's return value on fake copies of its arguments (for its structure only), and
+    the leaves of those arguments."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode(allow_non_fake_inputs=True) as mode, torch.enable_grad():
@@ -166,7 +192,7 @@ def _layer_output(layer: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
                        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() >= 2), None)
         if hidden is not None and not hidden.requires_grad:
             hidden.requires_grad_()
-        return layer(*fa, **fk)
+        return layer(*fa, **fk), pytree.tree_leaves((fa, fk))
 
 
 def _check_same_graph(tr: LayerTrace, plan_layer: RuntimeLayer, layer_name: str) -> None:

@@ -191,7 +191,11 @@ def trace_layer(layer: torch.nn.Module, args: tuple, kwargs: dict, *, seq_len: i
                                len(grad_outs))
     calls_fwd = [n for n in nodes[: boundary[0]] if n.op == "call_function"]
     calls_bwd = [n for n in nodes[boundary[0]:] if n.op == "call_function"]
-    functionalize_forward(gm, calls_fwd, roles, layer_name)
+    names = ([f"the parameter '{n}'" for n in pnames] + [f"the buffer '{n}'" for n in bnames]
+             + ["the layer's input" if pos == primary else "an argument of the layer"
+                for pos in tensor_pos] + ["an output gradient"] * len(grad_outs))
+    functionalize_forward(gm, calls_fwd, {p.name: w for p, w in zip(placeholders, names)},
+                          layer_name)
     flat_inputs = [pvals, bvals, [x.detach().requires_grad_(x.requires_grad) for x in inputs],
                    grad_outs]
     interp = _RecordingInterpreter(gm)

@@ -80,11 +80,12 @@ def _base(n: fx.Node) -> fx.Node:
     return n
 
 
-def functionalize_forward(gm: fx.GraphModule, forward_nodes: list[fx.Node], roles: dict[str, str],
-                          layer_name: str) -> int:
+def functionalize_forward(gm: fx.GraphModule, forward_nodes: list[fx.Node],
+                          inputs: dict[str, str], layer_name: str) -> int:
     """Rewrite the forward's in-place writes into the layer's own tensors out of place (nodes
-    keep their names); raise a :class:`MemoplanError` for any other write. Returns how many
-    ops were rewritten."""
+    keep their names); raise a :class:`MemoplanError` for any other write (``inputs``: each
+    placeholder as a message names it, "the buffer 'running_mean'"). Returns how many ops
+    were rewritten."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     rewritten = 0
     for n in forward_nodes:
@@ -96,10 +97,8 @@ def functionalize_forward(gm: fx.GraphModule, forward_nodes: list[fx.Node], role
         if target is None or base is None:
             refusal = "into an output argument ('out=')"
         elif base.op == "placeholder":
-            what = {"param": "a parameter", "buffer": "a buffer", "primary": "the layer's input",
-                    "shared": "an argument of the layer", "grad_out": "an output gradient"}
-            refusal = (f"into {what.get(roles.get(base.name, ''), 'an input')} ('{base.name}'); "
-                       f"a replay of the layer would write it again")
+            refusal = (f"into {inputs.get(base.name, 'an input of the layer')}, which a replay "
+                       f"of the layer would write again")
         elif base is not target:
             refusal = "through a view into another tensor"
         elif any(order[u] > order[n] for a in _aliases(target) for u in a.users if u is not n):

@@ -26,8 +26,9 @@ from memoplan.trace.encode import encode_call
 from memoplan.trace.classify import (check_aligned, classify_forward, saved_storages, seq_axes,
                                      token_segments, tensors_of)
 from memoplan.trace.graph import LayerTrace, pick_primary, trace_layer
+from memoplan.trace.cache import without_cache
 from memoplan.trace.laws import fit_law
-from memoplan.trace.layers import capture_layer_call, find_repeated_layer
+from memoplan.trace.layers import capture_layer_call, find_repeated_layer, model_attention_modules
 from memoplan.trace.head import head_phase_bytes
 from memoplan.trace.loader import build, load_model_file
 from memoplan.trace.recompute import tokens_outermost
@@ -77,7 +78,8 @@ def profile_model(cfg: ProfileConfig, *, progress: Callable[[str], None] = lambd
     if cfg.dtype:
         model = model.to(DTYPES[cfg.dtype])
     model = model.to(cfg.device).train()
-    found = find_repeated_layer(model, cfg.layer or mf.layer)
+    found = find_repeated_layer(model, cfg.layer or mf.layer,
+                                probe=lambda: model_attention_modules(mf, model, cfg.seq_lens))
     layer = found.first
     traces: list[LayerTrace] = []
     cast = (torch.autocast(device_type=cfg.device, dtype=DTYPES[cfg.autocast]) if cfg.autocast
@@ -128,11 +130,21 @@ def profile_model(cfg: ProfileConfig, *, progress: Callable[[str], None] = lambd
     flops_fwd, flops_bwd = _flop_splits(traces, classes)
     time_fwd, time_bwd, source = _layer_times(cfg, layer, call, flops_fwd.total, flops_bwd.total,
                                               hw.flops_per_s)
-    notes = [f"size law of '{t.name}' is not an exact polynomial (max rel. error "
-             f"{t.law.max_rel_error:.2e})" for t in saved if not t.law.exact]
+    notes = [*found.notes]
+    if without_cache(*call)[2]:
+        notes.append(f"the model passes a key/value cache to its {found.class_name} layers "
+                     f"(transformers' use_cache, on by default): memoplan traces them without it, "
+                     f"and under a plan they train without it, as under gradient checkpointing; "
+                     f"under torch.no_grad() or eval() they run as before")
+    notes += [f"size law of '{t.name}' is not an exact polynomial (max rel. error "
+              f"{t.law.max_rel_error:.2e})" for t in saved if not t.law.exact]
     mixing_ops = tuple(sorted({str(n.target) for n in traces[0].forward_nodes
                                if classes[n.name] == "mixing" and n.op == "call_function"
                                and str(n.target) != "<built-in function getitem>"}))
+    if not mixing_ops:
+        notes.append(f"the layer {found.class_name} has no token-mixing op (no attention): it is "
+                     f"likely a part of the transformer layer, not all of it; name the layer's "
+                     f"class with --layer CLASSNAME (or LAYER in the model file)")
     primary = next(n for n, r in main.roles.items() if r == "primary")
     progress("measuring the head phase")
     head_per_token, head_note = _head_bytes_per_token(mf, model, found.instances, lens[-2:], cast)
