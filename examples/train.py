@@ -20,7 +20,7 @@ import time
 import torch
 from torch.utils._pytree import tree_map_only
 
-import memoplan.runtime
+import memoplan
 
 
 def main() -> None:
@@ -43,7 +43,7 @@ def main() -> None:
     model = mod.build_model().to(device)
     plain = copy.deepcopy(model)
 
-    plan = memoplan.runtime.load_plan(args.plan)           # the two lines a user adds
+    plan = memoplan.load_plan(args.plan)                   # the two lines a user adds
     model = memoplan.runtime.apply(model, plan)
 
     loss_fn = getattr(mod, "loss_fn", None) or (lambda out: out.float().pow(2).mean())

@@ -107,7 +107,9 @@ def test_generate_and_eval_are_untouched(arch, name):
     model.eval()
     ref.eval()
     calls = model._memoplan_runner.calls
-    a, b = model(**mf.example_inputs(32)), ref(**mf.example_inputs(32))
+    with pytest.warns(UserWarning, match="eval.. mode run their original forward"):
+        a = model(**mf.example_inputs(32))
+    b = ref(**mf.example_inputs(32))
     assert model._memoplan_runner.calls == calls  # eval: the original forward ran
     torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=0)
     assert a.past_key_values.get_seq_length() == b.past_key_values.get_seq_length() == 32
@@ -173,3 +175,13 @@ def test_a_layer_output_that_needs_no_gradient_is_refused(write_model):
     model = apply(mf.build_model(), plan)
     with pytest.raises(MemoplanError, match=r"returns a tensor that needs no gradient.*output #2"):
         model(*mf.example_inputs(64))
+
+
+def test_keyword_arguments_in_another_order_and_a_block_outside_the_stack():
+    """A layer program binds tensors by position: a call with its keywords in another order
+    gets a program of its own (the same one would swap scale and shift). The block outside the
+    ModuleList is not planned, as the profile says, and runs as usual."""
+    path = MODELS / "keyword_decoder.py"
+    prof, plan, model, _ = _train_and_compare(path, lengths=(96, 93))
+    assert prof.model.num_layers == len(plan.layers) == 3
+    assert any("held in no nn.ModuleList" in n for n in prof.notes)

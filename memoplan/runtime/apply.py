@@ -80,6 +80,7 @@ class _Runner:
         self.host_bytes = 0   # host copies made so far (summed over layer calls)
         self.warmed: set[tuple[int, int, int]] = set()  # (thread, device, stream): see phase
         self.said_cache = False  # the key/value cache warning is given once
+        self.said_eval = False   # and the one for eval() calls under grad
 
     def arena_on(self, device: torch.device) -> Arena:
         """The plan's arena on ``device`` (an empty one, every buffer allocated normally, when
@@ -219,22 +220,29 @@ def apply(model: torch.nn.Module, plan: Plan, *, debug_poison: bool = False,
     planned allocator (``install_allocator()``): the arena reserves the plan's whole
     ``arena_bytes`` and pays off only when the layers' transients are planned into it too.
     """
-    same_class = [m for m in model.modules() if type(m).__name__ == plan.layer_class]
+    # the profile plans the instances a ModuleList or Sequential holds (trace/layers.py)
+    held = {id(c) for m in model.modules() if isinstance(m, (torch.nn.ModuleList,
+                                                           torch.nn.Sequential))
+            for c in m.children()}
+    same_class = [m for m in model.modules()
+                  if type(m).__name__ == plan.layer_class and id(m) in held]
     if not same_class:
         raise MemoplanError(f"The model has no layer of class '{plan.layer_class}', the class "
                             f"this plan was solved for.")
     # only the instances built like the profiled one (T5: the encoder's blocks 1.., not block 0
     # with its relative attention bias, nor the decoder's blocks with cross-attention)
     layers = [m for m in same_class if layer_signature(m) == plan.profile_hash]
-    if not layers:
+    others = [layer_signature(m) for m in same_class if layer_signature(m) != plan.profile_hash]
+    if len(layers) != len(plan.layers) and (not layers or len(same_class) == len(plan.layers)):
         raise MemoplanError(
-            f"This plan was solved for another layer (profile hash {plan.profile_hash}, this "
-            f"model's '{plan.layer_class}' hashes to {layer_signature(same_class[0])}: its "
-            f"parameters' names, shapes or dtypes differ). Profile this model and solve a new "
-            f"plan.")
+            f"This plan was solved for another layer (profile hash {plan.profile_hash}; "
+            f"{len(others)} of this model's {len(same_class)} '{plan.layer_class}' layers hash "
+            f"to {others[0]}: their parameters' names, shapes or dtypes differ). Profile this "
+            f"model and solve a new plan.")
     if len(layers) != len(plan.layers):
         raise MemoplanError(f"The plan is for {len(plan.layers)} layers of '{plan.layer_class}', "
-                            f"the model has {len(layers)}. Solve a plan for this model.")
+                            f"the model has {len(layers)} built like the profiled one. Solve a "
+                            f"plan for this model.")
     runner = _Runner(plan, arena)
     runner.poison = debug_poison
     for index, layer in enumerate(layers):
@@ -251,6 +259,15 @@ def _wrap(layer: torch.nn.Module, index: int, runner: _Runner) -> None:
 
     def forward(self: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
         if not torch.is_grad_enabled() or not self.training or runner.tracing:
+            if torch.is_grad_enabled() and not self.training and not runner.tracing \
+                    and not runner.said_eval:
+                runner.said_eval = True
+                warnings.warn(
+                    f"memoplan: '{runner.plan.layer_class}' layers in eval() mode run their "
+                    f"original forward, without the plan, also under grad: a backward through "
+                    f"them keeps every activation, as plain training does. Train in train() "
+                    f"mode (turn dropout off with its probability, not with eval()) for the "
+                    f"plan to apply.", stacklevel=3)
             return original(*args, **kwargs)
         args, kwargs, dropped = without_cache(args, kwargs)
         if dropped and not runner.said_cache:
@@ -283,9 +300,12 @@ def _program(runner: _Runner, layer: torch.nn.Module, args: tuple, kwargs: dict)
     dtypes, devices and autocast state (a trace on fake tensors: nothing real is kept), then
     reused. At most ``PROGRAMS_KEPT`` are kept per model, the least recently used going first,
     so training on ever new lengths does not grow memory."""
-    leaves = pytree.tree_leaves((args, kwargs))
-    key = tuple((tuple(x.shape), x.dtype, str(x.device), x.requires_grad)
-                if isinstance(x, torch.Tensor) else repr(x) for x in leaves)
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    # the structure (keyword names, in their order) too: the program binds its placeholders to
+    # the leaves by position; a tensor passed twice is told from two tensors alike
+    key = (spec, *((tuple(x.shape), x.dtype, str(x.device), x.requires_grad)
+                   if isinstance(x, torch.Tensor) else repr(x) for x in leaves))
+    key += (tuple(next(j for j, y in enumerate(leaves) if y is x) for x in leaves),)
     device = next((x.device.type for x in leaves if isinstance(x, torch.Tensor)), "cpu")
     key += (torch.is_autocast_enabled(device), str(torch.get_autocast_dtype(device)))
     if key in runner.programs:

@@ -17,8 +17,12 @@ view's base too), and a write into a tensor that is read again through another a
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.fx as fx
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils import _pytree as pytree
 
 from memoplan.errors import MemoplanError
 from memoplan.trace.replay import where
@@ -74,10 +78,37 @@ def _written(n: fx.Node) -> fx.Node | None:
     return None
 
 
-def _base(n: fx.Node) -> fx.Node:
-    while is_view(n) and isinstance(n.args[0], fx.Node):
-        n = n.args[0]
-    return n
+def _storage(n: fx.Node) -> int | None:
+    """The storage of ``n``'s traced (fake) value, as an id; None for non-tensors."""
+    v = n.meta.get("val")
+    if not isinstance(v, torch.Tensor) or v.layout != torch.strided:
+        return None
+    return StorageWeakRef(v.untyped_storage()).cdata
+
+
+def _with_defaults(n: fx.Node) -> tuple[tuple, dict]:
+    """``n``'s arguments with every omitted one spelled out (make_fx leaves out arguments equal
+    to their default, and the out-of-place op may have no default: ``bernoulli_``'s p=0.5)."""
+    args, kwargs = list(n.args), dict(n.kwargs)
+    for i, a in enumerate(n.target._schema.arguments):
+        if i < len(n.args) or a.name in kwargs:
+            continue
+        if a.kwarg_only:
+            kwargs[a.name] = a.default_value
+        else:
+            args.append(a.default_value)
+    return tuple(args), kwargs
+
+
+def _on_meta(op: Any) -> Any:
+    """``op`` run on meta copies of its tensor arguments (for the result's dtype)."""
+    def meta(t: torch.Tensor) -> torch.Tensor:
+        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        a, k = pytree.tree_map_only(torch.Tensor, meta, (args, kwargs))
+        return op(*a, **k)
+    return run
 
 
 def functionalize_forward(gm: fx.GraphModule, forward_nodes: list[fx.Node],
@@ -85,24 +116,34 @@ def functionalize_forward(gm: fx.GraphModule, forward_nodes: list[fx.Node],
     """Rewrite the forward's in-place writes into the layer's own tensors out of place (nodes
     keep their names); raise a :class:`MemoplanError` for any other write (``inputs``: each
     placeholder as a message names it, "the buffer 'running_mean'"). Returns how many ops
-    were rewritten."""
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    rewritten = 0
-    for n in forward_nodes:
+    were rewritten.
+
+    Aliasing is read from the traced values' storages (``meta["val"]``), so views that reach
+    the graph as ``getitem`` of ``unbind``/``split`` count too. A node already rewritten owns a
+    storage of its own from then on.
+    """
+    nodes = list(gm.graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    rewritten: set[fx.Node] = set()
+    count = 0
+    for n in list(forward_nodes):
         if not writes_in_place(n):
             continue
         target = _written(n)
-        base = _base(target) if target is not None else None
+        storage = _storage(target) if target is not None else None
         refusal = None
-        if target is None or base is None:
+        if storage is None:
             refusal = "into an output argument ('out=')"
-        elif base.op == "placeholder":
-            refusal = (f"into {inputs.get(base.name, 'an input of the layer')}, which a replay "
-                       f"of the layer would write again")
-        elif base is not target:
-            refusal = "through a view into another tensor"
-        elif any(order[u] > order[n] for a in _aliases(target) for u in a.users if u is not n):
-            refusal = "into a tensor that is read again afterwards through another name"
+        else:
+            before = [m for m in nodes[:order[n]] if _storage(m) == storage]
+            owner = target if target in rewritten else before[0]
+            if owner.op in ("placeholder", "get_attr"):
+                refusal = (f"into {inputs.get(owner.name, 'a tensor the layer holds')}, which a "
+                           f"replay of the layer would write again")
+            elif owner is not target:
+                refusal = "through a view into another tensor"
+            elif any(order[u] > order[n] for m in before for u in m.users if u is not n):
+                refusal = "into a tensor that is read again afterwards through another name"
         functional = out_of_place(n.target) if refusal is None else None
         if refusal is None and functional is None:
             refusal = "with an op that has no out-of-place variant"
@@ -112,19 +153,27 @@ def functionalize_forward(gm: fx.GraphModule, forward_nodes: list[fx.Node],
                 f"layer's ops (recomputation, checkpointing), which would apply such a write "
                 f"twice, so it cannot plan this layer. Make that write out of place "
                 f"('h = h + x' instead of 'h += x'), or move it out of the layer.")
-        n.target = functional
-        rewritten += 1
-    if rewritten:
+        args, kwargs = _with_defaults(n)
+        n.target, n.args, n.kwargs = functional, args, kwargs
+        rewritten.add(n)
+        count += 1
+        # an in-place op keeps its target's dtype where the out-of-place one may promote
+        # (bf16 h += fp32 x): cast back, so values and sizes stay as traced
+        vals = pytree.tree_map_only(fx.Node, lambda a: a.meta["val"], (args, kwargs))
+        want = n.meta["val"].dtype
+        try:
+            got = _on_meta(functional)(*vals[0], **vals[1]).dtype
+        except Exception:  # noqa: BLE001  (no meta kernel: the recorded run checks dtypes)
+            got = want
+        if got != want:
+            with gm.graph.inserting_after(n):
+                cast = gm.graph.create_node("call_function", torch.ops.aten._to_copy.default,
+                                            (n,), {"dtype": want}, name=f"{n.name}_cast")
+            n.replace_all_uses_with(cast, delete_user_cb=lambda u: u is not cast)
+            cast.meta = dict(n.meta)
+            order[cast] = order[n] + 0.5
+            rewritten.add(cast)
+            forward_nodes.insert(forward_nodes.index(n) + 1, cast)
+    if count:
         gm.recompile()
-    return rewritten
-
-
-def _aliases(n: fx.Node) -> list[fx.Node]:
-    """``n`` and the views taken of it (transitively)."""
-    out, stack = [], [n]
-    while stack:
-        m = stack.pop()
-        out.append(m)
-        stack += [u for u in m.users if is_view(u) and u.args and u.args[0] is m]
-    return out
-
+    return count
