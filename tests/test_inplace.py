@@ -1,7 +1,8 @@
 """In-place writes in a layer's forward (memoplan.trace.inplace): writes into the layer's own
 tensors are rewritten out of place and compute what eager computes (dtype kept, defaults
-spelled out, chains of writes); writes through views (also those of unbind/split, which reach
-the graph as getitem) and into parameters or buffers are refused with the source line."""
+spelled out, chains of writes, a write into a view of a tensor nobody reads again); a write
+whose tensor is read again through another alias (also views of unbind/split, which reach the
+graph as getitem) and one into a parameter or buffer are refused with the source line."""
 
 from __future__ import annotations
 
@@ -85,7 +86,7 @@ class IntoBuffer(nn.Module):
 
 
 @pytest.mark.parametrize("layer, message", [
-    (ThroughUnbind(), "writes in place through a view"),
+    (ThroughUnbind(), "read again afterwards through another alias"),
     (IntoBuffer(), "writes in place into the buffer 'seen'"),
 ])
 def test_hazardous_writes_are_refused_with_the_source_line(layer, message):

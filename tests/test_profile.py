@@ -288,7 +288,8 @@ BAD = {
                     "def build_model():\n    return Stack(Bad)\n", "_local_scalar_dense"),
     "bad_inputs": (MLP + "\ndef example_inputs(seq_len):\n    return 3\n", "returned int"),
     # a write into the layer's own intermediate is rewritten out of place; one into a buffer
-    # (a replay would apply it twice) or through a view is refused, naming the source line
+    # (a replay would apply it twice) or through a view whose base is read again is refused,
+    # naming the source line
     "in_place": (STACK + "class InPlace(torch.nn.Module):\n"
                  "    def __init__(self):\n        super().__init__()\n"
                  "        self.w = torch.nn.Parameter(torch.ones(8))\n"
@@ -303,7 +304,7 @@ BAD = {
                       "    def forward(self, x):\n        h = x * self.w\n"
                       "        h[:, :1].mul_(2.0)\n        return x + h\n"
                       "def build_model():\n    return Stack(InPlace)\n",
-                      "writes in place through a view"),
+                      "read again afterwards through another alias"),
 }
 
 

@@ -17,6 +17,7 @@ any sequence length runs, also one that the GPUs do not split evenly.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import threading
 import types
@@ -38,7 +39,7 @@ from memoplan.runtime.arena import Arena
 from memoplan.runtime.execute import LayerState, backward_layer, forward_layer, prefetch_layer
 from memoplan.runtime.program import OUTPUT, LayerProgram, PassedThrough, build_program
 from memoplan.runtime.streams import ALIGN, Copier, modified_in_place
-from memoplan.signature import layer_signature
+from memoplan.signature import layer_class_name, layer_signature
 from memoplan.trace.cache import without_cache
 
 PROGRAMS_KEPT = 8  # layer programs (one per input signature) kept per model; see _program
@@ -225,7 +226,7 @@ def apply(model: torch.nn.Module, plan: Plan, *, debug_poison: bool = False,
                                                            torch.nn.Sequential))
             for c in m.children()}
     same_class = [m for m in model.modules()
-                  if type(m).__name__ == plan.layer_class and id(m) in held]
+                  if layer_class_name(m) == plan.layer_class and id(m) in held]
     if not same_class:
         raise MemoplanError(f"The model has no layer of class '{plan.layer_class}', the class "
                             f"this plan was solved for.")
@@ -243,6 +244,7 @@ def apply(model: torch.nn.Module, plan: Plan, *, debug_poison: bool = False,
         raise MemoplanError(f"The plan is for {len(plan.layers)} layers of '{plan.layer_class}', "
                             f"the model has {len(layers)} built like the profiled one. Solve a "
                             f"plan for this model.")
+    _check_ranks_agree(plan)
     runner = _Runner(plan, arena)
     runner.poison = debug_poison
     for index, layer in enumerate(layers):
@@ -251,6 +253,36 @@ def apply(model: torch.nn.Module, plan: Plan, *, debug_poison: bool = False,
     if any(p.is_cuda for p in model.parameters()) and any(l.mode == "offload" for l in plan.layers):
         prepare(model)  # pin the host slab now, not in the first step
     return model
+
+
+def plan_digest(plan: Plan) -> str:
+    """A hash of the whole plan (what every rank must hold alike)."""
+    text = json.dumps(plan.to_json(), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _check_ranks_agree(plan: Plan) -> None:
+    """Under torch.distributed, every rank must apply the same plan, to a job of the size the
+    plan was solved for. The ranks exchange what they hold first, so that a difference raises
+    on every rank alike instead of leaving some waiting in a collective."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    mine = (plan_digest(plan), int(plan.config.get("gpus", 1)))
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    if len(set(everyone)) > 1:
+        ranks = [r for r, x in enumerate(everyone) if x != everyone[0]]
+        raise MemoplanError(
+            f"The ranks hold different plans (rank 0: plan {everyone[0][0]} for "
+            f"{everyone[0][1]} GPUs; rank {ranks[0]}: plan {everyone[ranks[0]][0]} for "
+            f"{everyone[ranks[0]][1]} GPUs). Give every rank the same plan file.")
+    if mine[1] != dist.get_world_size():
+        raise MemoplanError(
+            f"The plan was solved for {mine[1]} GPUs (--gpus), this job has "
+            f"{dist.get_world_size()} ranks. Solve a plan with --gpus "
+            f"{dist.get_world_size()}.")
 
 
 def _wrap(layer: torch.nn.Module, index: int, runner: _Runner) -> None:

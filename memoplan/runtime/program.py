@@ -192,7 +192,7 @@ def _layer_output(layer: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[An
                        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() >= 2), None)
         if hidden is not None and not hidden.requires_grad:
             hidden.requires_grad_()
-        return layer(*fa, **fk), pytree.tree_leaves((fa, fk))
+        return layer.forward(*fa, **fk), pytree.tree_leaves((fa, fk))  # no hooks (FSDP2's)
 
 
 def _check_same_graph(tr: LayerTrace, plan_layer: RuntimeLayer, layer_name: str) -> None:

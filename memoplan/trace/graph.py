@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.func import functional_call
+from torch.nn.utils.stateless import _reparametrize_module
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -144,7 +144,10 @@ def trace_layer(layer: torch.nn.Module, args: tuple, kwargs: dict, *, seq_len: i
         for pos, x in zip(tensor_pos, xs):
             flat[pos] = x
         a, kw = pytree.tree_unflatten(flat, spec)
-        return functional_call(layer, {**dict(zip(pnames, pv)), **dict(zip(bnames, bv))}, a, kw)
+        # the layer's forward without Module.__call__'s hooks: FSDP2's would all-gather and
+        # reshard (on fake tensors) inside the trace
+        with _reparametrize_module(layer, {**dict(zip(pnames, pv)), **dict(zip(bnames, bv))}):
+            return layer.forward(*a, **kw)
 
     try:  # the outputs' shapes, from a run on fake tensors (no compute)
         with fake, torch.enable_grad():

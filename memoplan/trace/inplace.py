@@ -11,8 +11,9 @@ so the rewritten graph computes the same values, as ``torch.func.functionalize``
 draws the same random numbers from the same generator.
 
 What is left is refused, with the op's source line: a write into a layer input, parameter or
-buffer (a real hazard: a replay would write it again), a write through a view (it changes the
-view's base too), and a write into a tensor that is read again through another alias.
+buffer (a real hazard: a replay would write it again), and a write into a tensor that is read
+again afterwards through another alias (a view of it, or its base: the write would change
+what that alias reads).
 """
 
 from __future__ import annotations
@@ -140,10 +141,9 @@ def functionalize_forward(gm: fx.GraphModule, forward_nodes: list[fx.Node],
             if owner.op in ("placeholder", "get_attr"):
                 refusal = (f"into {inputs.get(owner.name, 'a tensor the layer holds')}, which a "
                            f"replay of the layer would write again")
-            elif owner is not target:
-                refusal = "through a view into another tensor"
             elif any(order[u] > order[n] for m in before for u in m.users if u is not n):
-                refusal = "into a tensor that is read again afterwards through another name"
+                refusal = ("into a tensor that is read again afterwards through another alias "
+                           "(a view of it, or the tensor it is a view of)")
         functional = out_of_place(n.target) if refusal is None else None
         if refusal is None and functional is None:
             refusal = "with an op that has no out-of-place variant"
