@@ -127,14 +127,17 @@ def test_fsdp2_mixed_precision_matches_the_layer_by_its_compute_dtype():
 
 
 def _mismatch_worker(rank: int, port: int, plans) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+
     import memoplan.runtime as runtime
 
     _init(rank, port)
     try:
+        mesh = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("cp",))
         mf = load_model_file(MODEL)
         for per_rank, message in plans:
             with pytest.raises(MemoplanError, match=message):
-                runtime.apply(mf.build_model(), per_rank[rank])
+                runtime.apply(mf.build_model(), per_rank[rank], cp_mesh=mesh)
         dist.barrier()  # no rank was left waiting
     finally:
         dist.destroy_process_group()
@@ -143,5 +146,144 @@ def _mismatch_worker(rank: int, port: int, plans) -> None:
 def test_ranks_with_different_plans_or_the_wrong_job_size_all_raise(plan):
     other = _with(plan, "offload", 0.25)
     one_gpu = dataclasses.replace(plan, config={**plan.config, "gpus": 1})
+    cp4 = dataclasses.replace(plan, config={**plan.config, "cp": 4})
     _spawn(_mismatch_worker, [((plan, other), "ranks hold different plans"),
-                              ((one_gpu, one_gpu), "solved for 1 GPUs")])
+                              ((one_gpu, one_gpu), "solved for 1 GPUs"),
+                              ((cp4, cp4), "mesh has 2 ranks, the plan was solved for cp 4")])
+
+
+def test_plans_the_runtime_cannot_run_are_refused(plan):
+    from memoplan.runtime import apply
+
+    mf = load_model_file(MODEL)
+    tp = dataclasses.replace(plan, config={**plan.config, "tp": 2})
+    with pytest.raises(MemoplanError, match="tensor parallelism .tp 2., which memoplan plans but"):
+        apply(mf.build_model(), tp)
+    cp = dataclasses.replace(plan, config={**plan.config, "cp": 2})
+    with pytest.raises(MemoplanError, match="pass the cp ranks' DeviceMesh"):
+        apply(mf.build_model(), cp)
+
+
+# --- context parallelism: FSDP2 over the 2 ranks, which also split each sequence (cp 2) ---
+
+SEQ = 96  # global tokens; 4 chunks of 24 (load balancing: rank r holds chunks r and 3 - r)
+
+
+def _head_tail(seq: int, cp: int, rank: int) -> torch.Tensor:
+    """Global token indices rank ``rank`` holds under load balancing (head-tail order)."""
+    chunks = torch.arange(seq).view(2 * cp, seq // (2 * cp))
+    return torch.cat([chunks[rank], chunks[2 * cp - 1 - rank]])
+
+
+class _TorchRing(torch.autograd.Function):
+    """The reference's attention: torch's own ring engine around the CPU flash kernel, as
+    ``context_parallel`` runs it (its public dispatcher has no CPU strategy)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, group):
+        from memoplan.runtime.ring import engine
+
+        cp = engine()
+        op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+        cp._cp_options.enable_load_balance = True
+        out, lse = cp._templated_ring_attention(group, 2, op, q, k, v, is_causal=True,
+                                                scale=scale)[:2]
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale, ctx.group = scale, group
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        from memoplan.runtime.ring import engine
+
+        q, k, v, out, lse = ctx.saved_tensors
+        op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+        dq, dk, dv = engine()._templated_ring_attention_backward(
+            ctx.group, 2, op, grad_out=grad, grad_out_name="grad_out", query=q, key=k, value=v,
+            out=out, logsumexp=lse, is_causal=True, dropout_p=0.0, scale=ctx.scale)[:3]
+        return dq, dk, dv, None, None
+
+
+def _cp_worker(rank: int, port: int, plans) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    import memoplan.runtime as runtime
+
+    _init(rank, port)
+    mesh = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("cp",))
+    group = mesh.get_group()
+    mf = load_model_file(MODEL)
+    native = torch.nn.functional.scaled_dot_product_attention
+
+    def ring_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                  enable_gqa=False):
+        assert attn_mask is None and dropout_p == 0.0 and is_causal
+        return _TorchRing.apply(q, k, v, scale, group)
+
+    try:
+        for plan, when in plans:
+            def build(use: bool) -> torch.nn.Module:
+                m = mf.build_model()
+                if use and when == "before":
+                    runtime.apply(m, plan, debug_poison=True, cp_mesh=mesh)
+                for layer in m.layers:
+                    fully_shard(layer)
+                fully_shard(m)
+                if use and when == "after":
+                    runtime.apply(m, plan, debug_poison=True, cp_mesh=mesh)
+                return m
+
+            model, ref = build(True), build(False)
+            for step in range(2):
+                g = torch.Generator().manual_seed(step)  # one sequence, split over the ranks
+                tokens = torch.randint(mf.module.config().vocab_size, (1, SEQ), generator=g)
+                mine = _head_tail(SEQ, WORLD, rank)  # this rank's tokens, and their positions
+                results = []
+                for m in (model, ref):
+                    m.zero_grad()
+                    torch.nn.functional.scaled_dot_product_attention = \
+                        native if m is model else ring_sdpa
+                    try:
+                        loss = m(tokens[:, mine], mine).float().pow(2).mean()
+                    finally:
+                        torch.nn.functional.scaled_dot_product_attention = native
+                    loss.backward()
+                    results.append((loss.detach(), {n: p.grad.full_tensor()
+                                                    for n, p in m.named_parameters()}))
+                (la, ga), (lb, gb) = results
+                torch.testing.assert_close(la, lb, rtol=1e-6, atol=0)
+                for name in gb:
+                    torch.testing.assert_close(ga[name], gb[name], rtol=1e-5, atol=1e-8,
+                                               msg=lambda t: f"rank {rank} step {step} {name}: {t}")
+            assert model._memoplan_runner.calls == 2 * len(plan.layers)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def cp_plan():
+    prof = profile_model(ProfileConfig(model_file=MODEL, seq=128))
+    return solve_plan(prof, SolveConfig(seq=8192, gpus=WORLD, tp=1, cp=WORLD,
+                                        hardware=get_hardware("h200"), time_limit=2.0))
+
+
+def test_the_ring_engine_memoplan_uses_is_there():
+    """memoplan's ring attention uses torch's private context-parallel engine: fail loudly,
+    here, if a torch upgrade moves or renames it."""
+    from memoplan.runtime.ring import engine
+
+    cp = engine()
+    assert callable(cp._templated_ring_attention)
+    assert callable(cp._templated_ring_attention_backward)
+    assert {"ALL_GATHER", "ALL_TO_ALL"} <= set(cp._RotateMethod.__members__)
+    assert hasattr(cp._cp_options, "enable_load_balance")
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_context_parallel_under_a_plan_gives_the_gradients_of_fsdp2_with_cp(cp_plan, when):
+    plans = [(_with(cp_plan, "offload", 0.5), when)]
+    if when == "after":
+        plans += [(_with(cp_plan, "offload", a), when) for a in (0.0, 1.0)]
+        plans += [(_with(cp_plan, mode, 0.5), when) for mode in ("keep", "recompute")]
+    _spawn(_cp_worker, plans)

@@ -94,10 +94,12 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device, dtype):
-    """cos, sin of shape (seq_len, head_dim) for positions 0..seq_len-1 (computed in float32)."""
+def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device, dtype, positions=None):
+    """cos, sin of shape (seq_len, head_dim) for positions 0..seq_len-1, or ``positions``
+    (computed in float32)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    pos = torch.arange(seq_len, device=device, dtype=torch.float32)
+    pos = (torch.arange(seq_len, device=device, dtype=torch.float32) if positions is None
+           else positions.to(device=device, dtype=torch.float32))
     freqs = torch.outer(pos, inv_freq)          # (S, head_dim/2)
     emb = torch.cat((freqs, freqs), dim=-1)     # (S, head_dim)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -178,14 +180,16 @@ class Llama(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
 
-    def forward(self, tokens):
-        """tokens: (B, S) int64 -> logits (B, S, vocab_size)."""
+    def forward(self, tokens, positions=None):
+        """tokens: (B, S) int64 -> logits (B, S, vocab_size). ``positions`` (S,): the tokens'
+        positions in the sequence, 0..S-1 by default; under context parallelism a rank passes
+        those of the tokens it holds."""
         S = tokens.shape[1]
         if S > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {S} exceeds max_seq_len {self.cfg.max_seq_len}")
         x = self.embed(tokens)
         cos, sin = rope_cos_sin(S, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta,
-                                x.device, x.dtype)
+                                x.device, x.dtype, positions)
         for layer in self.layers:
             x = layer(x, cos, sin)
         return self.lm_head(self.norm(x))

@@ -37,6 +37,7 @@ from memoplan import jsonio
 from memoplan.runtime import allocator
 from memoplan.runtime.arena import Arena
 from memoplan.runtime.execute import LayerState, backward_layer, forward_layer, prefetch_layer
+from memoplan.runtime.ring import RingAttention, cp_group
 from memoplan.runtime.program import OUTPUT, LayerProgram, PassedThrough, build_program
 from memoplan.runtime.streams import ALIGN, Copier, modified_in_place
 from memoplan.signature import layer_class_name, layer_signature
@@ -82,6 +83,7 @@ class _Runner:
         self.warmed: set[tuple[int, int, int]] = set()  # (thread, device, stream): see phase
         self.said_cache = False  # the key/value cache warning is given once
         self.said_eval = False   # and the one for eval() calls under grad
+        self.ring: RingAttention | None = None  # attention under context parallelism
 
     def arena_on(self, device: torch.device) -> Arena:
         """The plan's arena on ``device`` (an empty one, every buffer allocated normally, when
@@ -209,12 +211,17 @@ def stats(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def apply(model: torch.nn.Module, plan: Plan, *, debug_poison: bool = False,
-          arena: bool | None = None) -> torch.nn.Module:
+          arena: bool | None = None, cp_mesh: Any = None) -> torch.nn.Module:
     """Wrap every instance of ``plan.layer_class`` in ``model`` (in place; returns ``model``).
 
     ``debug_poison`` overwrites every tensor the plan drops or copies out with NaN right after
     each layer's forward, and every arena block when it is given back: a schedule that reads
     one too early or too late shows as NaN gradients.
+
+    ``cp_mesh``: under context parallelism (a plan solved with ``--cp`` > 1), the DeviceMesh
+    (its "cp" dimension) or process group of the ranks that share a sequence; each holds its
+    S/cp tokens in the load-balanced (head-tail) order, and the layers' attention runs through
+    torch's ring (:mod:`memoplan.runtime.ring`).
 
     ``arena``: place the runtime's own buffers (what comes back for each layer's backward) in
     the plan's arena (``memoplan.runtime.arena``). By default on, except on a GPU without the
@@ -244,8 +251,23 @@ def apply(model: torch.nn.Module, plan: Plan, *, debug_poison: bool = False,
         raise MemoplanError(f"The plan is for {len(plan.layers)} layers of '{plan.layer_class}', "
                             f"the model has {len(layers)} built like the profiled one. Solve a "
                             f"plan for this model.")
+    if int(plan.config.get("tp", 1)) > 1:
+        raise MemoplanError(
+            f"This plan assumes tensor parallelism (tp {plan.config['tp']}), which memoplan "
+            f"plans but does not run. Solve with --tp 1 (FSDP2 and context parallelism: "
+            f"--gpus N [--cp K]).")
+    cp = int(plan.config.get("cp", 1))
+    if cp > 1 and cp_mesh is None:
+        raise MemoplanError(
+            f"This plan is for context parallelism over {cp} GPUs (--cp {cp}): pass the cp "
+            f"ranks' DeviceMesh, apply(model, plan, cp_mesh=mesh['cp']), and give each rank "
+            f"its S/{cp} tokens in the load-balanced order.")
     _check_ranks_agree(plan)
     runner = _Runner(plan, arena)
+    if cp > 1:
+        runner.ring = RingAttention(cp_group(cp_mesh, cp),
+                                    load_balance=bool(plan.config.get("load_balance", True)),
+                                    rotate=str(plan.config.get("rotate_method", "allgather")))
     runner.poison = debug_poison
     for index, layer in enumerate(layers):
         _wrap(layer, index, runner)
@@ -345,9 +367,14 @@ def _program(runner: _Runner, layer: torch.nn.Module, args: tuple, kwargs: dict)
     else:
         runner.tracing = True
         try:
-            prog = build_program(layer, args, kwargs, runner.plan.layer, runner.plan.layer_class)
+            with _local_attention(runner.ring is not None):
+                prog = build_program(layer, args, kwargs, runner.plan.layer,
+                                     runner.plan.layer_class)
         finally:
             runner.tracing = False
+        if runner.ring is not None:
+            runner.ring.check(prog.forward_nodes, runner.plan.layer_class)
+            prog.ring = runner.ring
         runner.programs[key] = prog
         while len(runner.programs) > PROGRAMS_KEPT:
             runner.programs.popitem(last=False)
@@ -361,6 +388,23 @@ def _program(runner: _Runner, layer: torch.nn.Module, args: tuple, kwargs: dict)
                 f"Gradients stay exact, but the plan's memory and time figures assume the "
                 f"profiled shapes: profile and train with batch 1 per GPU.", stacklevel=4)
     return runner.programs[key]
+
+
+@contextlib.contextmanager
+def _local_attention(on: bool) -> Iterator[None]:
+    """Trace attention as the local op: torch's ``context_parallel()`` replaces
+    ``F.scaled_dot_product_attention`` with its DTensor dispatch while it is active; the
+    runtime does the ring itself (runtime/ring.py)."""
+    F = torch.nn.functional
+    current, native = F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention
+    if not on or current is native:
+        yield
+        return
+    F.scaled_dot_product_attention = native
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = current
 
 
 class _LayerFunction(torch.autograd.Function):

@@ -34,10 +34,29 @@ from memoplan.trace.recompute import run_on_tokens
 from memoplan.trace.replay import Replay
 
 
+class _RingReplay(Replay):
+    """A replay whose attention nodes run through the ring (context parallelism)."""
+
+    def __init__(self, gm: fx.GraphModule, env: dict[str, Any], ring: Any) -> None:
+        super().__init__(gm, env)
+        self.ring = ring
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.op == "call_function" and self.ring.handles(n):
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            return self.ring(n, args, kwargs)
+        return super().run_node(n)
+
+
+def _replay(prog: LayerProgram, env: dict[str, Any]) -> Replay:
+    return _RingReplay(prog.trace.gm, env, prog.ring) if prog.ring is not None \
+        else Replay(prog.trace.gm, env)
+
+
 def _run(prog: LayerProgram, nodes: list[fx.Node], env: dict[str, Any],
          drops: dict[str, list[str]]) -> None:
     """Run ``nodes`` over ``env``, dropping each value after its last use (``drops``)."""
-    Replay(prog.trace.gm, env).run_nodes(nodes, drops)
+    _replay(prog, env).run_nodes(nodes, drops)
 
 
 def _no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -371,7 +390,7 @@ def _rebuild_splits(prog: LayerProgram, state: LayerState, env: dict[str, Any],
 
 def _materialise_reads(prog: LayerProgram, env: dict[str, Any]) -> None:
     """Every forward value backward reads that is not yet in ``env`` (views of kept values)."""
-    replay = Replay(prog.trace.gm, env)
+    replay = _replay(prog, env)
     for name in prog.read_by_backward:
         replay.ensure(name, prog.node)
 

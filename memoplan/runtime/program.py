@@ -62,6 +62,7 @@ class LayerProgram:
     recompute_order: dict[str, list[str]] = field(default_factory=dict)
     whole_instead: list[str] = field(default_factory=list)  # token-wise, but not at this shape
     random: bool = False                   # the forward draws random numbers (dropout)
+    ring: Any = None                       # runtime.ring.RingAttention under context parallelism
     # node name -> values to drop once it has run (each value right after its last use)
     drop_forward: dict[str, list[str]] = field(default_factory=dict)
     drop_refold: dict[str, list[str]] = field(default_factory=dict)   # forward re-run in backward
