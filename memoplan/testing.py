@@ -133,3 +133,57 @@ def _register_flops() -> None:
 
 
 _register_flops()
+
+
+class _TorchRing(torch.autograd.Function):
+    """Causal attention over the ranks of ``group`` through torch's own ring engine, around the
+    CPU flash kernel (see ``ring_sdpa``)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, group):
+        from memoplan.runtime.ring import engine
+
+        cp = engine()
+        op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+        saved = cp._cp_options.enable_load_balance
+        cp._cp_options.enable_load_balance = True
+        try:
+            out, lse = cp._templated_ring_attention(group, 2, op, q, k, v, is_causal=True,
+                                                    scale=scale)[:2]
+        finally:
+            cp._cp_options.enable_load_balance = saved
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale, ctx.group = scale, group
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        from memoplan.runtime.ring import engine
+
+        cp = engine()
+        q, k, v, out, lse = ctx.saved_tensors
+        op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+        saved = cp._cp_options.enable_load_balance
+        cp._cp_options.enable_load_balance = True
+        try:
+            dq, dk, dv = cp._templated_ring_attention_backward(
+                ctx.group, 2, op, grad_out=grad, grad_out_name="grad_out", query=q, key=k,
+                value=v, out=out, logsumexp=lse, is_causal=True, dropout_p=0.0,
+                scale=ctx.scale)[:3]
+        finally:
+            cp._cp_options.enable_load_balance = saved
+        return dq, dk, dv, None, None
+
+
+def ring_sdpa(group):
+    """A drop-in for ``F.scaled_dot_product_attention`` (causal, no mask or dropout) that runs
+    over the context-parallel ranks of ``group`` through torch's ring engine, on the CPU:
+    what ``torch.distributed.tensor.experimental.context_parallel`` does on a GPU, whose
+    dispatcher has no CPU strategy. Each rank passes its tokens in the load-balanced
+    (head-tail) order. The reference that memoplan's context-parallel runs are compared with."""
+    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+             enable_gqa=False):
+        if attn_mask is not None or dropout_p or not is_causal or enable_gqa:
+            raise RuntimeError("ring_sdpa: causal attention without mask, dropout or GQA only")
+        return _TorchRing.apply(q, k, v, scale, group)
+    return sdpa

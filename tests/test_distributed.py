@@ -21,6 +21,7 @@ import torch.multiprocessing as mp
 from memoplan.errors import MemoplanError
 from memoplan.hardware import get_hardware
 from memoplan.solve import SolveConfig, solve_plan
+from memoplan.testing import ring_sdpa
 from memoplan.trace import ProfileConfig, profile_model
 from memoplan.trace.loader import load_model_file
 
@@ -175,35 +176,6 @@ def _head_tail(seq: int, cp: int, rank: int) -> torch.Tensor:
     return torch.cat([chunks[rank], chunks[2 * cp - 1 - rank]])
 
 
-class _TorchRing(torch.autograd.Function):
-    """The reference's attention: torch's own ring engine around the CPU flash kernel, as
-    ``context_parallel`` runs it (its public dispatcher has no CPU strategy)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, scale, group):
-        from memoplan.runtime.ring import engine
-
-        cp = engine()
-        op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
-        cp._cp_options.enable_load_balance = True
-        out, lse = cp._templated_ring_attention(group, 2, op, q, k, v, is_causal=True,
-                                                scale=scale)[:2]
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale, ctx.group = scale, group
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        from memoplan.runtime.ring import engine
-
-        q, k, v, out, lse = ctx.saved_tensors
-        op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
-        dq, dk, dv = engine()._templated_ring_attention_backward(
-            ctx.group, 2, op, grad_out=grad, grad_out_name="grad_out", query=q, key=k, value=v,
-            out=out, logsumexp=lse, is_causal=True, dropout_p=0.0, scale=ctx.scale)[:3]
-        return dq, dk, dv, None, None
-
-
 def _cp_worker(rank: int, port: int, plans) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -215,11 +187,7 @@ def _cp_worker(rank: int, port: int, plans) -> None:
     group = mesh.get_group()
     mf = load_model_file(MODEL)
     native = torch.nn.functional.scaled_dot_product_attention
-
-    def ring_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                  enable_gqa=False):
-        assert attn_mask is None and dropout_p == 0.0 and is_causal
-        return _TorchRing.apply(q, k, v, scale, group)
+    ring = ring_sdpa(group)  # the reference: torch's ring engine, as context_parallel runs it
 
     try:
         for plan, when in plans:
@@ -243,7 +211,7 @@ def _cp_worker(rank: int, port: int, plans) -> None:
                 for m in (model, ref):
                     m.zero_grad()
                     torch.nn.functional.scaled_dot_product_attention = \
-                        native if m is model else ring_sdpa
+                        native if m is model else ring
                     try:
                         loss = m(tokens[:, mine], mine).float().pow(2).mean()
                     finally:
@@ -287,3 +255,27 @@ def test_context_parallel_under_a_plan_gives_the_gradients_of_fsdp2_with_cp(cp_p
         plans += [(_with(cp_plan, "offload", a), when) for a in (0.0, 1.0)]
         plans += [(_with(cp_plan, mode, 0.5), when) for mode in ("keep", "recompute")]
     _spawn(_cp_worker, plans)
+
+
+def test_the_distributed_example_under_torchrun(tmp_path, cli):
+    """examples/train_dist.py, as the README runs it: torchrun, 2 CPU ranks, FSDP2 + cp 2,
+    against the same run without memoplan."""
+    import re
+    import subprocess
+    import sys
+
+    root = MODEL.parents[2]
+    assert cli("profile", MODEL, "--seq", "128", "-o", tmp_path / "p.json", "-q").exit_code == 0
+    r = cli("solve", tmp_path / "p.json", "--seq", "256", "--gpus", "2", "--cp", "2",
+            "--keep-last", "1", "--alpha", "0.5", "-o", tmp_path / "plan.json", "-q")
+    assert r.exit_code == 0, r.output
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(root / "examples" / "train_dist.py"), str(MODEL), str(tmp_path / "plan.json"),
+         "--seq", "256", "--cp", "2", "--device", "cpu", "--steps", "2", "--compare"],
+        capture_output=True, text=True, timeout=240, cwd=root)
+    assert run.returncode == 0, run.stderr[-3000:]
+    diffs = [float(d) for d in re.findall(r"max grad diff ([0-9.e+-]+)", run.stdout)]
+    assert len(diffs) == 2 and max(diffs) <= 1e-6, run.stdout
+    recomputed = int(re.search(r"(\d+) tokens recomputed", run.stdout).group(1))
+    assert recomputed > 0, run.stdout
