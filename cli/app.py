@@ -18,10 +18,18 @@ from rich.console import Console
 from memoplan.errors import MemoplanError
 
 # Options shared by `solve` and `sweep` (cli/views.py).
-GpusOpt = Annotated[int, typer.Option(help="GPUs in all.")]
+GpusOpt = Annotated[int, typer.Option(help="GPUs in all: dp x cp x tp (FSDP2 over dp x cp).")]
 GpusPerNodeOpt = Annotated[int, typer.Option(help="GPUs sharing a node's host memory and PCIe.")]
-TpOpt = Annotated[Optional[int], typer.Option(help="Tensor(+sequence)-parallel degree (default: all GPUs / cp).")]
-CpOpt = Annotated[int, typer.Option(help="Context-parallel degree.")]
+TpOpt = Annotated[int, typer.Option(
+    help="Tensor(+sequence)-parallel degree; planning only (the runtime refuses tp > 1).")]
+CpOpt = Annotated[Optional[int], typer.Option(
+    help="Context-parallel (ring attention) degree. Default: the GPUs of one node, or "
+         "--gpus / --tp / --dp.")]
+DpOpt = Annotated[Optional[int], typer.Option(help="Data-parallel degree. Default: --gpus / --tp / --cp.")]
+LoadBalanceOpt = Annotated[bool, typer.Option(
+    help="Causal context parallel with the sequence cut into 2 x cp chunks (PyTorch's default).")]
+RotateOpt = Annotated[str, typer.Option(
+    help="How ring attention moves K/V: alltoall, allgather, or auto (the smaller workspace).")]
 HwOpt = Annotated[str, typer.Option(help="Hardware preset: h200, h100, a800, a100.")]
 PcieOpt = Annotated[Optional[float], typer.Option(help="Pinned D2H GB/s of one GPU.")]
 HostMemOpt = Annotated[Optional[float], typer.Option(help="Host memory per node (GiB) for activations.")]
@@ -100,8 +108,11 @@ def solve(
     seq: Annotated[str, typer.Option(help="Sequence length: 131072, 128K or 1M.")] = "128K",
     gpus: GpusOpt = 1,
     gpus_per_node: GpusPerNodeOpt = 8,
-    tp: TpOpt = None,
-    cp: CpOpt = 1,
+    tp: TpOpt = 1,
+    cp: CpOpt = None,
+    dp: DpOpt = None,
+    load_balance: LoadBalanceOpt = True,
+    rotate_method: RotateOpt = "auto",
     hw: HwOpt = "h200",
     pcie_gbps: PcieOpt = None,
     host_mem_gb: HostMemOpt = None,
@@ -129,6 +140,7 @@ def solve(
         hardware = get_hardware(hw, pcie_gbps=pcie_gbps, host_mem_gb=host_mem_gb,
                                 gpu_mem_gb=gpu_mem_gb, peak_tflops=peak_tflops)
         cfg = SolveConfig(seq=parse_seq(seq), gpus=gpus, gpus_per_node=gpus_per_node, tp=tp, cp=cp,
+                          dp=dp, load_balance=load_balance, rotate_method=rotate_method,
                           hardware=hardware, time_limit=time_limit, alpha=alpha,
                           keep_last=keep_last, state_bytes_per_param=state_bytes_per_param)
         with _progress(quiet or as_json) as progress:

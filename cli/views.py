@@ -11,9 +11,9 @@ import typer
 from rich import box
 from rich.table import Table
 
-from memoplan.cli.app import (CpOpt, GpuMemOpt, GpusOpt, GpusPerNodeOpt, HostMemOpt, HwOpt,
-                               KeepLastOpt, PcieOpt, PeakOpt, StateBytesOpt, TpOpt, _progress,
-                               _user_errors, app, console)
+from memoplan.cli.app import (CpOpt, DpOpt, GpuMemOpt, GpusOpt, GpusPerNodeOpt, HostMemOpt, HwOpt,
+                               KeepLastOpt, LoadBalanceOpt, PcieOpt, PeakOpt, RotateOpt,
+                               StateBytesOpt, TpOpt, _progress, _user_errors, app, console)
 from memoplan.ir import PLAN_SCHEMA, PROFILE_SCHEMA, Plan, Profile
 from memoplan.jsonio import load_plan, load_profile
 
@@ -100,12 +100,17 @@ def plan_facts(plan: Plan) -> dict[str, Any]:
     return {
         "kind": "plan", "schema": plan.schema, "layer_class": plan.layer_class,
         "seq": c["seq"], "gpus": c["gpus"], "tp": c["tp"], "cp": c["cp"],
+        "dp": c.get("dp", c["gpus"] // (c["tp"] * c["cp"])),
         "tokens_per_gpu": c["tokens_per_gpu"], "hardware": c["hardware"]["name"],
+        "load_balance": c.get("load_balance"), "rotate_method": c.get("rotate_method"),
+        "ring_workspace": c.get("ring_workspace", {}),
+        "tp_runtime_supported": c.get("tp_runtime_supported", c["tp"] == 1),
         "modes": dict(Counter(d.mode for d in plan.layers)),
         "alpha": max(offloaded) if offloaded else None,
         "host_bytes_per_gpu": sum(d.host_bytes for d in plan.layers),
         "arena_bytes": plan.arena_bytes, "lower_bound_bytes": plan.lower_bound_bytes,
         "state_bytes": plan.state_bytes, "pool_bytes": plan.pool_bytes,
+        "pool_parts": plan.solver.get("pool_parts", {}),
         "levels": {name: {"tensors": len(lp.offsets), "peak": lp.peak,
                           "lower_bound": lp.lower_bound, "ratio": lp.ratio,
                           "greedy_peak": lp.greedy_peak,
@@ -172,8 +177,11 @@ def sweep(
     seq: Annotated[str, typer.Option(help="Lengths: 32K..1M (doubling) or a list 32K,64K.")] = "32K..1M",
     gpus: GpusOpt = 1,
     gpus_per_node: GpusPerNodeOpt = 8,
-    tp: TpOpt = None,
-    cp: CpOpt = 1,
+    tp: TpOpt = 1,
+    cp: CpOpt = None,
+    dp: DpOpt = None,
+    load_balance: LoadBalanceOpt = True,
+    rotate_method: RotateOpt = "auto",
     hw: HwOpt = "h200",
     pcie_gbps: PcieOpt = None,
     host_mem_gb: HostMemOpt = None,
@@ -196,7 +204,8 @@ def sweep(
         lengths = parse_seq_list(seq)
         hardware = get_hardware(hw, pcie_gbps=pcie_gbps, host_mem_gb=host_mem_gb,
                                 gpu_mem_gb=gpu_mem_gb, peak_tflops=peak_tflops)
-        settings = dict(gpus=gpus, gpus_per_node=gpus_per_node, tp=tp, cp=cp, hardware=hardware,
+        settings = dict(gpus=gpus, gpus_per_node=gpus_per_node, tp=tp, cp=cp, dp=dp,
+                        load_balance=load_balance, rotate_method=rotate_method, hardware=hardware,
                         time_limit=time_limit, keep_last=keep_last,
                         state_bytes_per_param=state_bytes_per_param)
         with _progress(quiet or as_json) as progress:

@@ -71,12 +71,36 @@ def profile_summary(p: Profile) -> Group:
     return Group(head, saved, other)
 
 
+def parallel_lines(plan: Plan) -> list[tuple[str, str]]:
+    """How the plan splits the job: degrees, tokens per GPU, ring attention and its workspace,
+    FSDP2's headroom (plans from before these were recorded show what they have)."""
+    c = plan.config
+    tp, cp = c["tp"], c["cp"]
+    dp = c.get("dp", c["gpus"] // (tp * cp))
+    lines = [("parallel", f"dp {dp} x cp {cp} x tp {tp}: {c['tokens_per_gpu']} tokens per GPU"
+              + ("" if c.get("tp_runtime_supported", tp == 1)
+                 else f" (tp {tp} planned only: the runtime refuses it)"))]
+    if cp > 1 and "rotate_method" in c:
+        ring = f"rotate {c['rotate_method']}, load balancing {'on' if c['load_balance'] else 'off'}"
+        workspace = c.get("ring_workspace", {})
+        for phase, parts in workspace.items():
+            ring += (f"; {phase} {fmt_bytes(sum(parts.values()))} ("
+                     + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in parts.items()) + ")")
+        lines.append(("ring attention", ring + (" per attention op" if workspace else "")))
+    fsdp = {k: v for k, v in plan.solver.get("pool_parts", {}).items() if k.startswith("fsdp_")}
+    if fsdp:
+        lines.append(("FSDP2", f"states sharded over {dp * cp} ranks; headroom " + ", ".join(
+            f"{k[5:].replace('_', ' ')} {fmt_bytes(v)}" for k, v in fsdp.items())))
+    return lines
+
+
 def plan_summary(plan: Plan) -> Group:
     """Per-layer decisions, arena against lower bound and baselines, predicted time and MFU."""
     c = plan.config
     head = Table.grid(padding=(0, 2))
-    head.add_row("config", f"{c['seq']} tokens on {c['gpus']} GPUs (tp {c['tp']}, cp {c['cp']}: "
-                           f"{c['tokens_per_gpu']} tokens per GPU), {c['hardware']['name']}")
+    head.add_row("config", f"{c['seq']} tokens on {c['gpus']} GPUs, {c['hardware']['name']}")
+    for key, text in parallel_lines(plan):
+        head.add_row(key, text)
     modes = Table(title="layers", title_justify="left")
     for col in ("layers", "mode", "alpha", "swapped", "recomputed", "host"):
         modes.add_column(col, justify="right" if col not in ("mode",) else "left")
@@ -112,7 +136,8 @@ def plan_summary(plan: Plan) -> Group:
     tail = Table.grid(padding=(0, 2))
     tail.add_row("arena", f"{fmt_bytes(plan.arena_bytes)} + model states "
                           f"{fmt_bytes(plan.state_bytes)} + outside the arena (embedding output, "
-                          f"logits, loss, kernel workspaces) {fmt_bytes(plan.pool_bytes)}; host memory "
+                          f"logits, loss, kernel workspaces, FSDP2 buffers) "
+                          f"{fmt_bytes(plan.pool_bytes)}; host memory "
                           f"{fmt_bytes(host_total)} per GPU")
     tail.add_row("layer", f"forward {fmt_seconds(p.forward_s)}, backward "
                           f"{fmt_seconds(p.backward_s)}, copy {fmt_seconds(p.copy_s)}")

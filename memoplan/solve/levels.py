@@ -1,9 +1,12 @@
 """The bi-level address plan.
 
 Level 1 places one layer's forward requests and, separately, its backward requests (every
-identical layer reuses these offsets). Skeletal tensors are not in level 1: forward writes them
-into the layer's rounding buffer and backward reads them from its prefetch buffer, both level-2
-blocks. Level 2 places the whole iteration as blocks over phase steps (``ir.Steps``)
+identical layer reuses these offsets), at the per-rank shapes (``solve.swap``); with context
+parallelism they include ring attention's buffers around each attention op (``ring:kv``,
+``ring:merge``, ``ring:dkv``, ``ring:dq``: ``solve.parallel``). Skeletal tensors are not in
+level 1: forward writes them into the layer's rounding buffer and backward reads them from its
+prefetch buffer, both level-2 blocks. Level 2 places the whole iteration as blocks over phase
+steps (``ir.Steps``)
 
     step 0: embedding | 1..L: forward of layer 0..L-1 | L+1: head and loss | then per layer
     L-1..0 two steps: its rebuild (dropped tokens recomputed) and its backward graph
@@ -39,22 +42,21 @@ from memoplan.solve.config import SolveConfig
 from memoplan.solve.dsa import (Block, Placement, blocks_from_requests, lower_bound, peak_of,
                                 solve_greedy)
 from memoplan.solve.mip_dsa import solve_mip
-from memoplan.solve.swap import LayerBytes, per_gpu_bytes
+from memoplan.solve.parallel import fsdp_headroom, ring_requests
+from memoplan.solve.swap import LayerBytes, aligned, per_gpu_bytes
 
 Progress = Callable[[str], None]
 
 
-def level1_requests(profile: Profile, cfg: SolveConfig, phase: str) -> list[tuple[str, int, int]]:
-    """One phase's requests at the target length on one GPU, skeletal tensors left out."""
+def level1_requests(profile: Profile, cfg: SolveConfig,
+                    phase: str) -> list[tuple[str, int | str, int]]:
+    """One phase's requests at the per-rank shapes on one GPU, skeletal tensors left out, with
+    ring attention's buffers (``ring:NAME``, ``solve.parallel``) around each attention op."""
     tensors = {t.id: t for t in profile.layer.tensors}
     reqs = profile.layer.requests_forward if phase == "forward" else profile.layer.requests_backward
-    out = []
-    for op, tid, _ in reqs:
-        t = tensors[tid]
-        if t.role == "skeletal":
-            continue
-        out.append((op, tid, per_gpu_bytes(t.law.at(cfg.seq), cfg)))
-    return out
+    sized = [(op, tid, per_gpu_bytes(tensors[tid].law, cfg)) for op, tid, _ in reqs]
+    return [r for r in ring_requests(profile, cfg, phase, sized)
+            if isinstance(r[1], str) or tensors[r[1]].role != "skeletal"]
 
 
 def blocks_to_requests(blocks: Sequence[Block]) -> list[tuple[str, int | str, int]]:
@@ -100,12 +102,13 @@ def solve_level(blocks: list[Block], *, time_limit: float, unit: int, name: str,
 def level1(profile: Profile, cfg: SolveConfig, phase: str, progress: Progress) -> LevelPlan:
     blocks = blocks_from_requests(level1_requests(profile, cfg, phase))
     kinds = {str(t.id): t.role for t in profile.layer.tensors}
+    kinds.update({str(b.id): "ring" for b in blocks if str(b.id).startswith("ring:")})
     return solve_level(blocks, time_limit=cfg.time_limit, unit=cfg.align, name=f"level 1 {phase}",
                        kinds=kinds, progress=progress)
 
 
 def head_bytes(profile: Profile, cfg: SolveConfig) -> int:
-    return per_gpu_bytes(profile.model.head_bytes_per_token * cfg.seq, cfg)
+    return aligned(profile.model.head_bytes_per_token * cfg.tokens_per_gpu, cfg)
 
 
 CUBLAS_WORKSPACE = (32 << 20) + (1 << 20)  # cuBLAS (sm90: 4096*8 KiB) + cuBLASLt, per stream
@@ -126,7 +129,7 @@ def workspace_bytes(profile: Profile, cfg: SolveConfig) -> int:
     for t in profile.layer.saved:
         if t.kind == "mixing_output" and "attention" in t.producer and t.producer.endswith("[0]") \
                 and len(t.shape) >= 3 and math.prod(t.shape):
-            elems = per_gpu_bytes(t.law.at(cfg.seq), cfg) / (t.bytes / math.prod(t.shape))
+            elems = per_gpu_bytes(t.law, cfg) / (t.bytes / math.prod(t.shape))
             rows = elems / t.shape[-1]
             attention += int(4 * elems + 4 * rows)
     return attention + 2 * CUBLAS_WORKSPACE
@@ -136,9 +139,10 @@ def pool_parts(profile: Profile, cfg: SolveConfig, lb: LayerBytes) -> dict[str, 
     """What the run allocates outside the arena, from PyTorch's allocator, on top of it, by
     part (all counted as live together: an upper bound): what the model's own code holds
     outside the layers up to the head phase (``head_bytes``: logits, their loss copy and
-    gradients), the embedding's output (layer 0's input), and kernel workspaces."""
+    gradients), the embedding's output (layer 0's input), kernel workspaces, and FSDP2's
+    unsharded parameters and reduce-scatter buffers (``solve.parallel.fsdp_headroom``)."""
     return {"head": head_bytes(profile, cfg), "embedding_output": lb.input,
-            "workspaces": workspace_bytes(profile, cfg)}
+            "workspaces": workspace_bytes(profile, cfg), **fsdp_headroom(profile, cfg)}
 
 
 def pool_bytes(profile: Profile, cfg: SolveConfig, lb: LayerBytes) -> int:

@@ -11,17 +11,10 @@ from memoplan.solve.config import SolveConfig
 from memoplan.solve.dsa import solve_greedy
 from memoplan.solve.levels import head_bytes, level1, level2, level2_blocks, pool_bytes, pool_parts
 from memoplan.solve.mip_dsa import MIP_MISSING
+from memoplan.solve.parallel import attention_ops, ring_workspace, state_bytes_per_gpu
 from memoplan.solve.scripts import runtime_layer
-from memoplan.solve.swap import decide_swaps, per_gpu_bytes, predict
+from memoplan.solve.swap import SwapDecision, decide_swaps, predict
 from memoplan.units import fmt_bytes
-
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
-
-
-def state_bytes_per_gpu(profile: Profile, cfg: SolveConfig) -> int:
-    """Weights, gradients and optimizer states on one GPU (sharded by tensor parallelism)."""
-    n_params = profile.model.param_bytes_total / DTYPE_BYTES.get(profile.model.dtype, 4)
-    return int(n_params * cfg.state_bytes_per_param / cfg.tp_degree)
 
 
 def solve_plan(profile: Profile, cfg: SolveConfig, *,
@@ -36,6 +29,7 @@ def solve_plan(profile: Profile, cfg: SolveConfig, *,
         cfg = replace(cfg, keep_last=auto_keep_last(profile, cfg, fwd.peak, bwd.peak))
     progress("choosing swap fractions")
     decision = decide_swaps(profile, cfg)
+    check_pinned(decision, cfg)
     head = head_bytes(profile, cfg)
     it = level2(decision.layers, decision.bytes, fwd, bwd, cfg, progress)
     states = state_bytes_per_gpu(profile, cfg)
@@ -50,9 +44,10 @@ def solve_plan(profile: Profile, cfg: SolveConfig, *,
             f"model states {fmt_bytes(states)} + shared inputs {fmt_bytes(lb.shared)} + "
             f"outside the arena {fmt_bytes(pool)}: " + ", ".join(
                 f"{k.replace('_', ' ')} {fmt_bytes(v)}" for k, v in parts.items()) + ") > "
-            f"{fmt_bytes(gpu_mem)} of GPU memory at {cfg.seq} tokens over {cfg.split} GPUs "
-            f"({cfg.tokens_per_gpu} tokens each). Use more GPUs (--gpus), a shorter --seq, or "
-            f"fewer optimizer bytes per parameter (--state-bytes-per-param)."
+            f"{fmt_bytes(gpu_mem)} of GPU memory at {cfg.seq} tokens on {cfg.gpus} GPUs (dp "
+            f"{cfg.dp} x cp {cfg.cp} x tp {cfg.tp}: {cfg.tokens_per_gpu} tokens per GPU). Use "
+            f"more GPUs (--gpus), a shorter --seq, or fewer optimizer bytes per parameter "
+            f"(--state-bytes-per-param)."
         )
     base = predict(decision, cfg)
     n = len(decision.layers)
@@ -81,9 +76,16 @@ def solve_plan(profile: Profile, cfg: SolveConfig, *,
     if decision.alpha_pcie < 0:
         notes.append("even the always-swapped part (input, mixing outputs) does not hide behind "
                      "a layer's forward at this length: copies will stall compute")
+    if cfg.tp > 1:
+        notes.append(f"--tp {cfg.tp} is planned only: memoplan's runtime runs FSDP2 x context "
+                     f"parallel and refuses a plan with tp > 1 (config.tp_runtime_supported)")
+    if cfg.cp > 1 and not attention_ops(profile):
+        notes.append("context parallel, but the layer has no fused attention op: no ring "
+                     "attention workspace is budgeted")
     return Plan(
         profile_hash=profile.hash, layer_class=profile.model.layer_class,
-        config={**cfg.to_json(), "profile_seq_len": profile.seq_len},
+        config={**cfg.to_json(), "profile_seq_len": profile.seq_len,
+                "ring_workspace": ring_workspace(profile, cfg)},
         layers=decision.layers, arena_bytes=it.peak, lower_bound_bytes=it.lower_bound,
         state_bytes=states, pool_bytes=pool, levels={"forward": fwd, "backward": bwd, "iteration": it},
         predicted=predicted,
@@ -98,6 +100,20 @@ def solve_plan(profile: Profile, cfg: SolveConfig, *,
         layer=runtime_layer(profile, cfg, {"forward": fwd, "backward": bwd, "iteration": it},
                             decision.layers),
         notes=tuple(notes))
+
+
+def check_pinned(decision: SwapDecision, cfg: SolveConfig) -> None:
+    """Raise InfeasibleError when the host memory the GPUs of a node pin together exceeds the
+    node's (each GPU gets its share: ``solve.swap``; a forced --alpha or rounding can pass it)."""
+    per_gpu = sum(d.host_bytes for d in decision.layers)
+    node = cfg.hardware.host_mem_gb * 2**30
+    if per_gpu * cfg.gpus_sharing_node > node:
+        raise InfeasibleError(
+            f"The plan pins {fmt_bytes(per_gpu)} of host memory per GPU, "
+            f"{fmt_bytes(per_gpu * cfg.gpus_sharing_node)} for the {cfg.gpus_sharing_node} GPUs "
+            f"of a node, more than its {fmt_bytes(node)} (--host-mem-gb "
+            f"{cfg.hardware.host_mem_gb:g}). Lower --alpha, or raise --host-mem-gb if the "
+            f"machine has more.")
 
 
 def auto_keep_last(profile: Profile, cfg: SolveConfig, fwd_peak: int, bwd_peak: int) -> int:

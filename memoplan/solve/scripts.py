@@ -60,7 +60,7 @@ def phase_script(profile: Profile, cfg: SolveConfig, levels: dict[str, LevelPlan
         if op != "malloc":
             continue
         t = tensors[tid]
-        size = per_gpu_bytes(t.law.at(cfg.seq), cfg)
+        size = per_gpu_bytes(t.law, cfg)
         n = seen[tid] = seen.get(tid, -1) + 1
         key = str(tid) if n == 0 else f"{tid}#{n}"  # ids reused after a free (see dsa)
         offset = -1

@@ -12,6 +12,25 @@ where B_pcie and M_host are one GPU's share of its node's (the GPUs of a node co
 The last ``keep_last`` layers are not offloaded (their backward follows at once). When even
 alpha = 0 does not fit host memory, only as many layers as fit are offloaded and the others are
 checkpointed: their input stays on the GPU and the whole layer is recomputed in backward.
+
+Per-rank shapes. A GPU of a ``dp x cp x tp`` job (``solve.config``) runs the layer on its context
+rank's S/cp tokens, and tensor parallelism divides each tensor of it by tp (heads or hidden, or
+tokens under sequence parallelism). So, with S the whole sequence:
+
+- sizes (saved tensors, transients, workspaces): the size law at the local length S/cp, divided
+  by tp (``per_gpu_bytes``). Not law(S)/(cp tp): a quadratic term c S^2 (eager attention's
+  scores) is c (S/cp)^2 on a rank, its local block, cp times less than c S^2/cp;
+- token-wise FLOPs: their law at S/cp, divided by tp;
+- token-mixing (attention) FLOPs: each rank's S/cp queries meet all S keys as K/V go round the
+  ring, so a rank computes the FLOPs of the full sequence / cp, divided by tp, when the work is
+  balanced. Load balancing (``load_balance``, PyTorch's default) cuts the sequence into 2 cp
+  chunks and gives rank r chunks r and 2cp-1-r: under the causal mask chunk c's queries meet
+  c + 1/2 chunks' worth of keys, so every rank does (r + 1/2) + (2cp - 1 - r + 1/2) = 2cp of the
+  (2cp)^2/2 = 2cp^2 units, 1/cp of the total. Without it rank r holds chunk r and does r + 1/2
+  of cp^2/2 units; the last rank does the most, (cp - 1/2)/(cp^2/2) = (2cp - 1)/cp^2 of the
+  total (15/64 instead of 8/64 at cp 8), and every ring step waits for it: a layer's time takes
+  that share (``mixing_share``), while MFU still counts the average, total/cp. Ring transfers are
+  taken to hide behind each step's attention.
 """
 
 from __future__ import annotations
@@ -20,7 +39,7 @@ import math
 from dataclasses import dataclass
 
 from memoplan.errors import InfeasibleError
-from memoplan.ir import LayerDecision, Prediction, Profile
+from memoplan.ir import FlopSplit, LayerDecision, Prediction, Profile, SizeLaw
 from memoplan.solve.config import SolveConfig
 from memoplan.timeline import iteration_seconds, schedule
 from memoplan.units import fmt_bytes
@@ -64,10 +83,15 @@ class LayerBytes:
         return self.always + self.token_wise
 
 
-def per_gpu_bytes(law_value: float, cfg: SolveConfig) -> int:
-    """A whole-layer size at the full length, as one GPU's aligned share."""
-    share = max(0.0, law_value) / cfg.split
-    return int(math.ceil(share / cfg.align) * cfg.align) if share > 0 else 0
+def aligned(nbytes: float, cfg: SolveConfig) -> int:
+    """``nbytes`` rounded up to the allocator's granularity (0 stays 0)."""
+    return int(math.ceil(nbytes / cfg.align) * cfg.align) if nbytes > 0 else 0
+
+
+def per_gpu_bytes(law: SizeLaw, cfg: SolveConfig) -> int:
+    """A size law of the layer as one GPU's aligned bytes: at the local length S/cp, divided
+    by tp (see the module docstring)."""
+    return aligned(max(0.0, law.at(cfg.local_seq)) / cfg.tp, cfg)
 
 
 def layer_bytes(profile: Profile, cfg: SolveConfig) -> LayerBytes:
@@ -76,33 +100,45 @@ def layer_bytes(profile: Profile, cfg: SolveConfig) -> LayerBytes:
     for t in profile.layer.saved:
         key = {"input": "input", "mixing_output": "mixing", "shared": "shared"}.get(
             t.kind, "token_wise" if t.token_wise else "fixed")
-        nbytes = per_gpu_bytes(t.law.at(cfg.seq), cfg)
+        nbytes = per_gpu_bytes(t.law, cfg)
         sums[key] += nbytes
         if key == "token_wise":
             tokens = cfg.tokens_per_gpu
             splits.append(SplitTensor(name=t.name, nbytes=nbytes, tokens=tokens,
-                                      row=max(0.0, t.law.at(cfg.seq)) / cfg.split / tokens,
+                                      row=max(0.0, t.law.at(cfg.local_seq)) / cfg.tp / tokens,
                                       outer=t.token_outer and t.seq_axis is not None))
     return LayerBytes(**sums, splits=tuple(splits))
 
 
 @dataclass(frozen=True, kw_only=True)
 class LayerTimes:
-    forward: float            # seconds of one layer's forward on one GPU
+    forward: float            # seconds of one layer's forward on one GPU (the slowest rank)
     backward: float
     token_wise_forward: float  # the token-wise share of the forward (what recompute re-runs)
-    flops_forward: float       # per GPU
+    flops_forward: float       # per GPU, on average over the context ranks (what MFU counts)
     flops_backward: float
 
 
+def mixing_share(cfg: SolveConfig) -> float:
+    """The share of the full sequence's token-mixing FLOPs that the slowest context rank
+    computes: 1/cp, or (2cp - 1)/cp^2 for causal ring attention without load balancing (see
+    the module docstring)."""
+    cp = cfg.cp
+    return 1 / cp if cp == 1 or cfg.load_balance else (2 * cp - 1) / cp**2
+
+
 def layer_times(profile: Profile, cfg: SolveConfig) -> LayerTimes:
+    """One layer's seconds and FLOPs on one GPU, at the per-rank shapes (module docstring)."""
     rate = cfg.hardware.flops_per_s
+    local, share = cfg.local_seq, mixing_share(cfg)
+
+    def flops(f: FlopSplit, mixing: float) -> float:  # mixing: the share of the full length's
+        return (f.token_wise_law.at(local) + f.mixing_law.at(cfg.seq) * mixing) / cfg.tp
+
     f, b = profile.layer.flops_forward, profile.layer.flops_backward
-    ff = f.total_at(cfg.seq) / cfg.split
-    fb = b.total_at(cfg.seq) / cfg.split
-    return LayerTimes(forward=ff / rate, backward=fb / rate,
-                      token_wise_forward=f.token_wise_law.at(cfg.seq) / cfg.split / rate,
-                      flops_forward=ff, flops_backward=fb)
+    return LayerTimes(forward=flops(f, share) / rate, backward=flops(b, share) / rate,
+                      token_wise_forward=f.token_wise_law.at(local) / cfg.tp / rate,
+                      flops_forward=flops(f, 1 / cfg.cp), flops_backward=flops(b, 1 / cfg.cp))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,7 +170,8 @@ def decide_swaps(profile: Profile, cfg: SolveConfig) -> SwapDecision:
     n_layers = profile.model.num_layers
     n_off = max(0, n_layers - cfg.keep_last)
     alpha_pcie = _alpha_for(bw * times.forward, lb)
-    alpha_host = _alpha_for(host / n_off, lb) if n_off else 1.0
+    slack = cfg.align * len(lb.splits)  # each copied head is rounded up to the alignment
+    alpha_host = _alpha_for(host / n_off - slack, lb) if n_off else 1.0
     fallback = None
     n_fit = n_off
     if n_off and alpha_host < 0:
@@ -143,7 +180,7 @@ def decide_swaps(profile: Profile, cfg: SolveConfig) -> SwapDecision:
                     f"{n_fit} of {n_off} offloaded layers ({fmt_bytes(lb.always)} each at alpha=0); "
                     f"the other {n_off - n_fit} are checkpointed: input kept on the GPU, whole layer "
                     f"recomputed in backward")
-        alpha_host = _alpha_for(host / n_fit, lb) if n_fit else 0.0
+        alpha_host = _alpha_for(host / n_fit - slack, lb) if n_fit else 0.0
     if cfg.alpha is not None:
         alpha = cfg.alpha
         need = n_fit * (lb.always + alpha * lb.token_wise)
