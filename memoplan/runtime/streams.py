@@ -98,10 +98,11 @@ class _Slab:
         if rc != 0:
             self.device = None
             raise MemoplanError(
-                f"Pinning {fmt_bytes(nbytes)} of host memory for this plan's host copies failed "
-                f"(cudaHostRegister error {rc}). The host may lack that much free memory, or the "
-                f"locked-memory limit is too low ('ulimit -l'). Solve again with a smaller "
-                f"--host-mem-gb, or raise the limit.")
+                f"{_rank_prefix()}Pinning {fmt_bytes(nbytes)} of host memory for this plan's host "
+                f"copies on {self.device} failed (cudaHostRegister error {rc}). The host may lack "
+                f"that much free memory (every rank of a node pins its own), or the locked-memory "
+                f"limit is too low ('ulimit -l'). Solve again with a smaller --host-mem-gb, or "
+                f"raise the limit.")
 
     def carve(self, nbytes: int) -> torch.Tensor | None:
         """``nbytes`` of the slab not handed out before, or None when it is full."""
@@ -321,6 +322,15 @@ class Copier:
         _, done = fetched
         if done is not None:
             done.synchronize()
+
+
+def _rank_prefix() -> str:
+    """'rank R: ' under torch.distributed (each rank pins its own slab), else ''."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return f"rank {dist.get_rank()}: "
+    return ""
 
 
 def modified_in_place(index: int) -> MemoplanError:
