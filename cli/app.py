@@ -19,7 +19,8 @@ from memoplan.errors import MemoplanError
 
 # Options shared by `solve` and `sweep` (cli/views.py).
 GpusOpt = Annotated[int, typer.Option(help="GPUs in all: dp x cp x tp (FSDP2 over dp x cp).")]
-GpusPerNodeOpt = Annotated[int, typer.Option(help="GPUs sharing a node's host memory and PCIe.")]
+GpusPerNodeOpt = Annotated[Optional[int], typer.Option(
+    help="GPUs sharing a node's host memory and PCIe. Default: the hardware's.")]
 TpOpt = Annotated[int, typer.Option(
     help="Tensor(+sequence)-parallel degree; planning only (the runtime refuses tp > 1).")]
 CpOpt = Annotated[Optional[int], typer.Option(
@@ -30,7 +31,9 @@ LoadBalanceOpt = Annotated[bool, typer.Option(
     help="Causal context parallel with the sequence cut into 2 x cp chunks (PyTorch's default).")]
 RotateOpt = Annotated[str, typer.Option(
     help="How ring attention moves K/V: alltoall, allgather, or auto (the smaller workspace).")]
-HwOpt = Annotated[str, typer.Option(help="Hardware preset: h200, h100, a800, a100.")]
+HwOpt = Annotated[str, typer.Option(
+    help="Hardware: a preset (h200, h200-box, h100, a800, a100: 'memoplan.hardware') or a "
+         "hardware JSON file ('memoplan calibrate' writes one).")]
 PcieOpt = Annotated[Optional[float], typer.Option(help="Pinned D2H GB/s of one GPU.")]
 HostMemOpt = Annotated[Optional[float], typer.Option(help="Host memory per node (GiB) for activations.")]
 GpuMemOpt = Annotated[Optional[float], typer.Option(help="GPU memory (GiB).")]
@@ -107,7 +110,7 @@ def solve(
     profile_file: Annotated[Path, typer.Argument(help="profile.json written by 'memoplan profile'.")],
     seq: Annotated[str, typer.Option(help="Sequence length: 131072, 128K or 1M.")] = "128K",
     gpus: GpusOpt = 1,
-    gpus_per_node: GpusPerNodeOpt = 8,
+    gpus_per_node: GpusPerNodeOpt = None,
     tp: TpOpt = 1,
     cp: CpOpt = None,
     dp: DpOpt = None,
@@ -139,7 +142,8 @@ def solve(
         prof = load_profile(profile_file)
         hardware = get_hardware(hw, pcie_gbps=pcie_gbps, host_mem_gb=host_mem_gb,
                                 gpu_mem_gb=gpu_mem_gb, peak_tflops=peak_tflops)
-        cfg = SolveConfig(seq=parse_seq(seq), gpus=gpus, gpus_per_node=gpus_per_node, tp=tp, cp=cp,
+        per_node = hardware.gpus_per_node if gpus_per_node is None else gpus_per_node
+        cfg = SolveConfig(seq=parse_seq(seq), gpus=gpus, gpus_per_node=per_node, tp=tp, cp=cp,
                           dp=dp, load_balance=load_balance, rotate_method=rotate_method,
                           hardware=hardware, time_limit=time_limit, alpha=alpha,
                           keep_last=keep_last, state_bytes_per_param=state_bytes_per_param)
@@ -171,6 +175,33 @@ def emit_cmd(
         write_text_atomic(output, emit_module(load_plan(plan_file)))
     if not quiet:
         console.print(f"wrote [bold]{output}[/]")
+
+
+@app.command("calibrate")
+def calibrate_cmd(
+    device: Annotated[str, typer.Option(help="cpu, or cuda (cuda:N) to measure a GPU and its host link.")] = "cpu",
+    output: Annotated[Path, typer.Option("-o", "--output", help="Where to write the hardware JSON.")] = Path("hw.json"),
+    quick: Annotated[bool, typer.Option("--quick", help="Smaller sizes, fewer repeats: seconds, rougher figures.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors.")] = False,
+) -> None:
+    """Measure this machine's compute, memory and copy rates into a file for solve --hw."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from memoplan.calibrate import FIELDS, calibrate, check_output, write_hardware
+
+    with _user_errors():
+        check_output(output)
+        columns = (TextColumn("calibrating {task.description}"), BarColumn(),
+                   MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=console, transient=True, disable=quiet) as bar:
+            task = bar.add_task("", total=None)
+            hw = calibrate(device, quick=quick, progress=lambda what, done, total: bar.update(
+                task, description=what, completed=done, total=total))
+        write_hardware(output, hw)
+    if not quiet:
+        for field in FIELDS:
+            console.print(f"{field:<16} {hw[field]}", highlight=False)
+        console.print(f"wrote [bold]{output}[/] (how each figure was obtained: its 'sources')")
 
 
 from memoplan.cli import views  # noqa: E402, F401  (registers plot, show, sweep on ``app``)

@@ -102,6 +102,8 @@ def plan_facts(plan: Plan) -> dict[str, Any]:
         "seq": c["seq"], "gpus": c["gpus"], "tp": c["tp"], "cp": c["cp"],
         "dp": c.get("dp", c["gpus"] // (c["tp"] * c["cp"])),
         "tokens_per_gpu": c["tokens_per_gpu"], "hardware": c["hardware"]["name"],
+        "hardware_figures": {k: v for k, v in c["hardware"].items()
+                             if k not in ("name", "sources")},
         "load_balance": c.get("load_balance"), "rotate_method": c.get("rotate_method"),
         "ring_workspace": c.get("ring_workspace", {}),
         "tp_runtime_supported": c.get("tp_runtime_supported", c["tp"] == 1),
@@ -118,7 +120,8 @@ def plan_facts(plan: Plan) -> dict[str, Any]:
                           "status": lp.status, "gap": lp.gap}
                    for name, lp in plan.levels.items()},
         "predicted": {"iteration_s": p.iteration_s, "mfu": p.mfu, "gpu_bytes": p.gpu_bytes,
-                      "stall_s": p.stall_s, "recompute_s": p.recompute_s},
+                      "stall_s": p.stall_s, "recompute_s": p.recompute_s,
+                      "pin_s": plan.solver.get("pin_s")},
         "notes": list(plan.notes),
     }
 
@@ -176,7 +179,7 @@ def sweep(
     profile_file: Annotated[Path, typer.Argument(help="profile.json written by 'memoplan profile'.")],
     seq: Annotated[str, typer.Option(help="Lengths: 32K..1M (doubling) or a list 32K,64K.")] = "32K..1M",
     gpus: GpusOpt = 1,
-    gpus_per_node: GpusPerNodeOpt = 8,
+    gpus_per_node: GpusPerNodeOpt = None,
     tp: TpOpt = 1,
     cp: CpOpt = None,
     dp: DpOpt = None,
@@ -204,7 +207,8 @@ def sweep(
         lengths = parse_seq_list(seq)
         hardware = get_hardware(hw, pcie_gbps=pcie_gbps, host_mem_gb=host_mem_gb,
                                 gpu_mem_gb=gpu_mem_gb, peak_tflops=peak_tflops)
-        settings = dict(gpus=gpus, gpus_per_node=gpus_per_node, tp=tp, cp=cp, dp=dp,
+        per_node = hardware.gpus_per_node if gpus_per_node is None else gpus_per_node
+        settings = dict(gpus=gpus, gpus_per_node=per_node, tp=tp, cp=cp, dp=dp,
                         load_balance=load_balance, rotate_method=rotate_method, hardware=hardware,
                         time_limit=time_limit, keep_last=keep_last,
                         state_bytes_per_param=state_bytes_per_param)

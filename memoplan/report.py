@@ -94,11 +94,31 @@ def parallel_lines(plan: Plan) -> list[tuple[str, str]]:
     return lines
 
 
+def hardware_text(hw: dict) -> str:
+    """The hardware a plan assumed (its ``config.hardware``), in one line. Plans from before
+    the per-class cost model show what they have (``efficiency``, ``pcie_gbps``)."""
+    def figure(key: str, fmt: str) -> str | None:
+        return fmt.format(hw[key]) if isinstance(hw.get(key), (int, float)) else None
+
+    parts = [figure("gpus_per_node", "{:g} GPUs per node"), figure("gpu_mem_gb", "{:g} GiB GPU"),
+             figure("host_mem_gb", "{:g} GiB host per node"),
+             figure("peak_tflops", "peak {:g} TFLOP/s"), figure("matmul_tflops", "matmul {:g}"),
+             figure("attn_fwd_tflops", "attention forward {:g}"),
+             figure("attn_bwd_tflops", "backward {:g}"), figure("efficiency", "efficiency {:g}"),
+             figure("hbm_gbps", "HBM {:g} GB/s"),
+             figure("d2h_gbps", "D2H {:g}") or figure("pcie_gbps", "PCIe {:g} GB/s"),
+             figure("h2d_gbps", "H2D {:g}"), figure("duplex_gbps", "both {:g} GB/s"),
+             figure("pcie_node_gbps", "node {:g} GB/s"),
+             figure("pin_s_per_gib", "pinning {:g} s/GiB")]
+    return f"{hw.get('name', '?')}: " + ", ".join(p for p in parts if p)
+
+
 def plan_summary(plan: Plan) -> Group:
     """Per-layer decisions, arena against lower bound and baselines, predicted time and MFU."""
     c = plan.config
     head = Table.grid(padding=(0, 2))
     head.add_row("config", f"{c['seq']} tokens on {c['gpus']} GPUs, {c['hardware']['name']}")
+    head.add_row("hardware", hardware_text(c["hardware"]))
     for key, text in parallel_lines(plan):
         head.add_row(key, text)
     modes = Table(title="layers", title_justify="left")
@@ -130,17 +150,21 @@ def plan_summary(plan: Plan) -> Group:
     pred = Table(title="predicted per iteration (cost model)", title_justify="left")
     for col in ("strategy", "seconds", "MFU", "GPU memory"):
         pred.add_column(col, justify="left" if col == "strategy" else "right")
-    for k in ("plan", "keep_all", "full_recompute"):
-        pred.add_row(k.replace("_", " "), f"{p.iteration_s[k]:.3f}", f"{p.mfu[k]:.3f}",
-                     fmt_bytes(p.gpu_bytes.get(k, 0)))
+    for k in ("plan", "keep_all", "full_recompute", "offload_all"):
+        if k in p.iteration_s:  # plans from before offload-all was predicted have no row
+            pred.add_row(k.replace("_", " "), f"{p.iteration_s[k]:.3f}", f"{p.mfu[k]:.3f}",
+                         fmt_bytes(p.gpu_bytes.get(k, 0)))
     tail = Table.grid(padding=(0, 2))
     tail.add_row("arena", f"{fmt_bytes(plan.arena_bytes)} + model states "
                           f"{fmt_bytes(plan.state_bytes)} + outside the arena (embedding output, "
                           f"logits, loss, kernel workspaces, FSDP2 buffers) "
                           f"{fmt_bytes(plan.pool_bytes)}; host memory "
                           f"{fmt_bytes(host_total)} per GPU")
-    tail.add_row("layer", f"forward {fmt_seconds(p.forward_s)}, backward "
+    tail.add_row("layer", f"forward {fmt_seconds(p.forward_s)} (of which token-wise "
+                          f"{fmt_seconds(p.token_wise_forward_s)}), backward "
                           f"{fmt_seconds(p.backward_s)}, copy {fmt_seconds(p.copy_s)}")
+    if plan.solver.get("pin_s"):
+        tail.add_row("pinning", f"{fmt_seconds(plan.solver['pin_s'])} once, for the host slab")
     for note in plan.notes:
         tail.add_row("note", note)
     return Group(head, modes, levels, pred, tail)

@@ -16,7 +16,7 @@ from memoplan.ir import Plan, Profile
 from memoplan.solve import SolveConfig, solve_plan
 from memoplan.units import fmt_tokens, parse_seq
 
-STRATEGIES = ("plan", "keep_all", "full_recompute")
+STRATEGIES = ("plan", "keep_all", "full_recompute", "offload_all")
 MAX_LENGTHS = 64  # a sweep longer than this is almost surely a typo in --seq
 
 

@@ -107,12 +107,17 @@ def test_flops_token_wise_at_the_local_length_attention_full_over_cp(tiny):
     seq, cp = 256 * 1024, 8
     f, b = tiny.layer.flops_forward, tiny.layer.flops_backward
     assert f.mixing_law.degree == 2
-    rate = get_hardware("h200").flops_per_s
+    hw = get_hardware("h200")
+    matmul, attention = hw.matmul_tflops * 1e12, hw.attn_fwd_tflops * 1e12
     balanced = layer_times(tiny, _cfg(seq, gpus=cp))
     tw = f.token_wise_law.at(seq // cp)
     assert balanced.flops_forward == pytest.approx(tw + f.mixing_law.at(seq) / cp)
-    assert balanced.forward == pytest.approx(balanced.flops_forward / rate)
-    assert balanced.token_wise_forward == pytest.approx(tw / rate)
+    # the cost model's classes: matmuls at the local length, attention at the full length / cp
+    fwd = balanced.parts["forward"]
+    assert fwd["matmul"] == pytest.approx(tw / matmul)
+    assert fwd["attention"] == pytest.approx(f.mixing_law.at(seq) / cp / attention)
+    assert balanced.forward == pytest.approx(sum(fwd.values()))
+    assert balanced.token_wise_forward == pytest.approx(fwd["matmul"] + fwd["memory"])
     # not the mixing law at the local length: a rank's queries meet all keys
     assert balanced.flops_forward > 7 * (tw + f.mixing_law.at(seq // cp)) / 8
     assert balanced.flops_backward == pytest.approx(b.token_wise_law.at(seq // cp)
@@ -120,7 +125,10 @@ def test_flops_token_wise_at_the_local_length_attention_full_over_cp(tiny):
     # without load balancing the last causal rank does (2cp - 1)/cp^2 of the attention, and the
     # layer waits for it; MFU still counts the average
     slow = layer_times(tiny, _cfg(seq, gpus=cp, load_balance=False))
-    assert slow.forward * rate == pytest.approx(tw + f.mixing_law.at(seq) * 15 / 64)
+    assert slow.parts["forward"]["attention"] * attention == pytest.approx(
+        f.mixing_law.at(seq) * 15 / 64)
+    assert slow.forward - balanced.forward == pytest.approx(
+        f.mixing_law.at(seq) * (15 / 64 - 1 / 8) / attention)
     assert slow.flops_forward == pytest.approx(balanced.flops_forward)
     # one GPU: what it always was
     one = layer_times(tiny, _cfg(seq))
@@ -257,8 +265,8 @@ def test_the_plan_records_and_budgets_the_ring_and_fsdp(tiny):
 
 
 def test_llama7b_at_1m_on_an_8_gpu_h200_node():
-    """Issue 12's done-when. With the h200 preset's host memory (110 GiB per node, measured on a
-    smaller box) most layers are checkpointed, and the rebuild of one (its saved tensors and
+    """Issue 12's done-when. With 110 GiB of host memory per node (the measured single-GPU
+    box's) most layers are checkpointed, and the rebuild of one (its saved tensors and
     forward transients at once, ~38 GiB) does not fit beside the rest; a node with 512 GiB of
     host memory (about 485 GiB are needed) offloads every layer at alpha ~0 and fits."""
     p = _load("llama7b")
@@ -273,7 +281,7 @@ def test_llama7b_at_1m_on_an_8_gpu_h200_node():
     assert plan.predicted.gpu_bytes["plan"] <= 139 * 2**30
     assert {l.mode for l in plan.layers} == {"offload", "keep"}
     with pytest.raises(InfeasibleError, match="does not fit"):
-        solve_plan(p, dataclasses.replace(cfg, hardware=get_hardware("h200")))
+        solve_plan(p, dataclasses.replace(cfg, hardware=get_hardware("h200", host_mem_gb=110)))
 
 
 def test_pinned_host_memory_above_the_node_is_infeasible(tiny):

@@ -56,6 +56,7 @@ def solve_plan(profile: Profile, cfg: SolveConfig, *,
         "plan": need,
         "keep_all": states + lb.shared + n * lb.total + transient,
         "full_recompute": states + lb.shared + n * lb.input + lb.total + transient,
+        "offload_all": states + lb.shared + 2 * lb.total + transient,  # two rounding buffers
     }})
     statuses = {k: v.status for k, v in (("forward", fwd), ("backward", bwd), ("iteration", it))}
     notes = []
@@ -73,6 +74,10 @@ def solve_plan(profile: Profile, cfg: SolveConfig, *,
                      + ("" if n_keep == cfg.keep_last else f"; {n_keep} kept in the end"))
     if decision.fallback:
         notes.append(decision.fallback)
+    if n * lb.total > decision.host_bytes_per_gpu:
+        notes.append(f"offload-all, predicted beside the plan, would pin {fmt_bytes(n * lb.total)} "
+                     f"per GPU, more than the {fmt_bytes(decision.host_bytes_per_gpu)} of host "
+                     f"memory each GPU has here: that baseline could not run")
     if decision.alpha_pcie < 0:
         notes.append("even the always-swapped part (input, mixing outputs) does not hide behind "
                      "a layer's forward at this length: copies will stall compute")
@@ -96,7 +101,9 @@ def solve_plan(profile: Profile, cfg: SolveConfig, *,
                 "fallback_used": any(s == "greedy-fallback" for s in statuses.values()),
                 "alpha_forced": decision.forced, "alpha_pcie": decision.alpha_pcie,
                 "alpha_host": decision.alpha_host, "host_fallback": decision.fallback,
-                "pool_parts": parts},
+                "pool_parts": parts,
+                # seconds to pin this GPU's host slab, once, before the first step
+                "pin_s": cfg.hardware.pin_seconds(sum(d.host_bytes for d in decision.layers))},
         layer=runtime_layer(profile, cfg, {"forward": fwd, "backward": bwd, "iteration": it},
                             decision.layers),
         notes=tuple(notes))

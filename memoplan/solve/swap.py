@@ -36,7 +36,8 @@ tokens under sequence parallelism). So, with S the whole sequence:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 from memoplan.errors import InfeasibleError
 from memoplan.ir import FlopSplit, LayerDecision, Prediction, Profile, SizeLaw
@@ -110,6 +111,73 @@ def layer_bytes(profile: Profile, cfg: SolveConfig) -> LayerBytes:
     return LayerBytes(**sums, splits=tuple(splits))
 
 
+# ---- the cost model -------------------------------------------------------------------------
+#
+# A roofline per op class, from the profile's own graph. One phase of one layer on one GPU takes
+#
+#     matmul FLOPs / matmul_tflops + attention FLOPs / attn_{fwd,bwd}_tflops
+#         + bytes moved by memory-bound ops / hbm_gbps
+#
+# - matmul FLOPs: the profile's token-wise FLOPs (torch's FLOP counter counts only matmul-like
+#   ops: mm, addmm, bmm, convolution ...), at the local length S/cp, divided by tp;
+# - attention FLOPs: the profile's token-mixing FLOPs when the layer mixes tokens with a fused
+#   attention kernel (causal counted as half of full, backward as twice forward: as
+#   ``memoplan.hardware`` defines the rates), the full sequence's times ``mixing_share``, / tp;
+#   other mixing ops (eager attention's bmm) run at the matmul rate;
+# - memory-bound bytes: every storage the phase allocates (``layer.tensors``, with its size law
+#   at S/cp, / tp) that a matmul or fused-attention op did not make is written once and read
+#   at least once: 2 x its bytes. The op that made a storage is its forward node's target, or
+#   for backward storages (the profile keeps no backward graph) the op in its fx name
+#   (``mm_3``, ``silu_backward``); a multi-output op's backward outputs (``getitem_N``) count
+#   as memory-bound.
+#
+# Keep-all is forward + backward per layer, full recompute adds a forward, offload-all and the
+# plan follow the copy schedule (``memoplan.timeline``), whose recomputation of dropped tokens
+# costs (1 - alpha) x the forward's token-wise part (matmuls and memory-bound ops, no mixing).
+
+MATMUL_OPS = frozenset({"mm", "addmm", "bmm", "baddbmm", "matmul", "linear", "_grouped_mm",
+                        "_scaled_mm", "convolution", "_convolution", "convolution_backward",
+                        "cudnn_convolution"})
+
+
+def _op(node_name: str, nodes: dict) -> str:
+    """The aten op that made a storage: its forward node's target (a getitem's: the op it
+    reads), else the op in its fx name (``mm_12`` -> ``mm``, ``add__1`` -> ``add_``)."""
+    n = nodes.get(node_name)
+    if n is not None and n.target != "placeholder":
+        if n.target.endswith("getitem>") and n.args and isinstance(n.args[0], dict):
+            n = nodes.get(n.args[0].get("node"), n)
+        parts = n.target.split(".")
+        return parts[1] if parts[0] == "aten" and len(parts) > 1 else n.target
+    return re.sub(r"_\d+$", "", node_name)
+
+
+def fused_attention(profile: Profile) -> bool:
+    """Whether the layer mixes tokens with a fused attention kernel (its own rates) rather
+    than with matmuls (eager attention: the matmul rate)."""
+    return any("attention" in op for op in profile.layer.mixing_ops)
+
+
+def memory_bound_laws(profile: Profile) -> dict[str, SizeLaw]:
+    """Bytes moved by memory-bound ops, as laws in the length: ``forward`` (token-wise ops),
+    ``forward_mixing`` (memory-bound token-mixing ops, such as eager attention's softmax) and
+    ``backward`` (see the comment above)."""
+    nodes = {n.name: n for n in profile.layer.nodes}
+    coeffs: dict[str, list[float]] = {"forward": [], "forward_mixing": [], "backward": []}
+    for t in profile.layer.tensors:
+        op = _op(t.name, nodes if t.phase == "forward" else {})
+        if op in MATMUL_OPS or "attention" in op:
+            continue
+        key = t.phase
+        if t.phase == "forward" and t.name in nodes and nodes[t.name].cls == "mixing":
+            key = "forward_mixing"
+        acc = coeffs[key]
+        acc += [0.0] * (len(t.law.coeffs) - len(acc))
+        for i, c in enumerate(t.law.coeffs):
+            acc[i] += 2 * c
+    return {k: SizeLaw(coeffs=tuple(v) or (0.0,)) for k, v in coeffs.items()}
+
+
 @dataclass(frozen=True, kw_only=True)
 class LayerTimes:
     forward: float            # seconds of one layer's forward on one GPU (the slowest rank)
@@ -117,6 +185,9 @@ class LayerTimes:
     token_wise_forward: float  # the token-wise share of the forward (what recompute re-runs)
     flops_forward: float       # per GPU, on average over the context ranks (what MFU counts)
     flops_backward: float
+    # seconds by op class, {"forward": {...}, "backward": {...}} with keys matmul, attention,
+    # memory (what the phase times add up)
+    parts: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def mixing_share(cfg: SolveConfig) -> float:
@@ -128,17 +199,35 @@ def mixing_share(cfg: SolveConfig) -> float:
 
 
 def layer_times(profile: Profile, cfg: SolveConfig) -> LayerTimes:
-    """One layer's seconds and FLOPs on one GPU, at the per-rank shapes (module docstring)."""
-    rate = cfg.hardware.flops_per_s
-    local, share = cfg.local_seq, mixing_share(cfg)
+    """One layer's seconds and FLOPs on one GPU, at the per-rank shapes (module docstring),
+    from the cost model above."""
+    hw = cfg.hardware
+    local, share, tp = cfg.local_seq, mixing_share(cfg), cfg.tp
+    fused = fused_attention(profile)
+    mem = memory_bound_laws(profile)
+    hbm = hw.hbm_gbps * 1e9
+
+    def parts(f: FlopSplit, phase: str) -> dict[str, float]:
+        mixing = f.mixing_law.at(cfg.seq) * share / tp
+        attn_rate = (hw.attn_fwd_tflops if phase == "forward" else hw.attn_bwd_tflops) * 1e12
+        nbytes = mem[phase].at(local) + (mem["forward_mixing"].at(local)
+                                         if phase == "forward" else 0.0)
+        return {"matmul": (f.token_wise_law.at(local) / tp + (0.0 if fused else mixing))
+                / (hw.matmul_tflops * 1e12),
+                "attention": mixing / attn_rate if fused else 0.0,
+                "memory": max(0.0, nbytes) / tp / hbm}
 
     def flops(f: FlopSplit, mixing: float) -> float:  # mixing: the share of the full length's
-        return (f.token_wise_law.at(local) + f.mixing_law.at(cfg.seq) * mixing) / cfg.tp
+        return (f.token_wise_law.at(local) + f.mixing_law.at(cfg.seq) * mixing) / tp
 
     f, b = profile.layer.flops_forward, profile.layer.flops_backward
-    return LayerTimes(forward=flops(f, share) / rate, backward=flops(b, share) / rate,
-                      token_wise_forward=f.token_wise_law.at(local) / cfg.tp / rate,
-                      flops_forward=flops(f, 1 / cfg.cp), flops_backward=flops(b, 1 / cfg.cp))
+    fwd, bwd = parts(f, "forward"), parts(b, "backward")
+    token_wise = (f.token_wise_law.at(local) / tp / (hw.matmul_tflops * 1e12)
+                  + max(0.0, mem["forward"].at(local)) / tp / hbm)
+    return LayerTimes(forward=sum(fwd.values()), backward=sum(bwd.values()),
+                      token_wise_forward=token_wise,
+                      flops_forward=flops(f, 1 / cfg.cp), flops_backward=flops(b, 1 / cfg.cp),
+                      parts={"forward": fwd, "backward": bwd})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -214,20 +303,29 @@ def decide_swaps(profile: Profile, cfg: SolveConfig) -> SwapDecision:
 
 
 def predict(d: SwapDecision, cfg: SolveConfig) -> Prediction:
-    """Iteration time and MFU of the plan, and of keep-all and full recompute, on one model.
+    """Iteration time and MFU of the plan and of the baselines (keep-all, full recompute,
+    offload-all), on one model and one cost model (see above).
 
     The plan's time is the end of its simulated copy/compute schedule (``memoplan.timeline``):
     compute, plus copies that do not hide, plus recomputation of dropped tokens. Keep-all is
-    forward + backward of every layer; full recompute adds a forward per layer. Embedding, head
-    and communication are left out (the same for every strategy).
+    forward + backward of every layer; full recompute adds a forward per layer; offload-all
+    copies every layer's saved tensors out and back on the same schedule (host memory not
+    checked). Embedding, head and communication are left out (the same for every strategy).
     """
     t = d.times
     n = len(d.layers)
     bars = schedule(d.layers, forward_s=t.forward, backward_s=t.backward,
                     token_wise_forward_s=t.token_wise_forward, pcie_bytes_per_s=d.pcie_bytes_per_s)
     plan = iteration_seconds(bars)
-    keep_all = n * (t.forward + t.backward)
-    full = n * (2 * t.forward + t.backward)
+    everything = [LayerDecision(index=i, mode="offload", alpha=1.0, swapped_bytes=d.bytes.total,
+                                recomputed_bytes=0, host_bytes=d.bytes.total, gpu_kept_bytes=0)
+                  for i in range(n)]
+    seconds = {"plan": plan, "keep_all": n * (t.forward + t.backward),
+               "full_recompute": n * (2 * t.forward + t.backward),
+               "offload_all": iteration_seconds(schedule(
+                   everything, forward_s=t.forward, backward_s=t.backward,
+                   token_wise_forward_s=t.token_wise_forward,
+                   pcie_bytes_per_s=d.pcie_bytes_per_s))}
     model_flops = n * (t.flops_forward + t.flops_backward)
     peak = cfg.hardware.peak_tflops * 1e12
 
@@ -240,6 +338,5 @@ def predict(d: SwapDecision, cfg: SolveConfig) -> Prediction:
         copy_s=max((l.swapped_bytes for l in d.layers), default=0) / d.pcie_bytes_per_s,
         stall_s=sum(b.end - b.start for b in bars if b.kind == "stall"),
         recompute_s=sum(b.end - b.start for b in bars if b.kind == "recompute"),
-        iteration_s={"plan": plan, "keep_all": keep_all, "full_recompute": full},
-        mfu={"plan": mfu(plan), "keep_all": mfu(keep_all), "full_recompute": mfu(full)},
+        iteration_s=seconds, mfu={k: mfu(v) for k, v in seconds.items()},
         gpu_bytes={})
