@@ -13,6 +13,7 @@ Profile it with::
 
     memoplan profile examples/llama/model.py                      # preset "tiny", float32
     MEMOPLAN_PRESET=7b memoplan profile examples/llama/model.py   # Llama-2-7B sizes, bfloat16
+    MEMOPLAN_PRESET=70b memoplan profile examples/llama/model.py  # Llama-3-70B sizes (GQA), bf16
 
 The preset is read from the environment variable ``MEMOPLAN_PRESET`` (default "tiny")
 each time ``build_model()`` or ``example_inputs()`` is called, not at import time.
@@ -46,6 +47,9 @@ PRESETS = {
                    n_layers=4, max_seq_len=4096, dtype=torch.float32),
     "7b": Config(vocab_size=32000, dim=4096, n_heads=32, n_kv_heads=32, ffn_dim=11008,
                  n_layers=32, max_seq_len=1 << 20, dtype=torch.bfloat16),
+    "70b": Config(vocab_size=128256, dim=8192, n_heads=64, n_kv_heads=8, ffn_dim=28672,
+                  n_layers=80, max_seq_len=1 << 20, dtype=torch.bfloat16, rope_theta=500000.0,
+                  norm_eps=1e-5),
 }
 
 

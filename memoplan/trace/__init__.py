@@ -1,6 +1,7 @@
 """The profile stage: trace one repeated layer of a user's model and describe its memory.
 
 - ``loader.py``: import a model file and check its convention (all user-file errors).
+- ``meta.py``: build the model with its parameters on the meta device; materialise the layer.
 - ``layers.py``: find the repeated layer class; capture one real call of it.
 - ``graph.py``: trace the layer's forward+backward with make_fx; run it once, recording values.
 - ``classify.py``: token axes, token-wise vs mixing ops (probes), segments, saved tensors.

@@ -161,17 +161,22 @@ def _perturb(x: torch.Tensor, axis: int, t: int) -> torch.Tensor:
 
 def _probe_token_wise(n: fx.Node, trace: LayerTrace, axes: dict[str, list[tuple[int, ...]]]) -> bool:
     env = trace.real
+    schema = getattr(n.target, "_schema", None)
+    writes = schema is None or schema.is_mutable
 
     def run(t: int | None) -> list[torch.Tensor | None]:
         """The op on copies of its real inputs laid out as they are, token t perturbed (None:
-        nothing perturbed). Baseline and probes see the same layouts, so they compare exactly."""
+        nothing perturbed). Baseline and probes see the same layouts, so they compare exactly.
+        An input without one token axis (a weight) is never perturbed: an op that writes
+        nothing takes it as it is, in the baseline and in every probe alike."""
         def load(a: fx.Node) -> Any:
             v = env[a.name]
             if not isinstance(v, torch.Tensor):
                 return v
             ax = _axes_of_arg(a, axes)
-            return _perturb(v, ax[0], t) if t is not None and ax is not None and len(ax) == 1 \
-                else _copy(v)
+            if ax is None or len(ax) != 1:
+                return _copy(v) if writes else v
+            return _perturb(v, ax[0], t) if t is not None else _copy(v)
         return tensors_of(shadow_call(n, load, trace.values))
 
     out_axes = axes[n.name]

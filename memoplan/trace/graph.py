@@ -112,8 +112,8 @@ def trace_layer(layer: torch.nn.Module, args: tuple, kwargs: dict, *, seq_len: i
                 layer_name: str, real: bool = True) -> LayerTrace:
     """Trace ``layer(*args, **kwargs)`` forward and backward; run the graph once on fake tensors.
 
-    ``real``: keep real copies of the parameters, inputs and a random output gradient for the
-    shadow run (``LayerTrace.real``: profiling's token-wise probes, at a short length). With
+    ``real``: keep the real parameters, copies of the inputs and a random output gradient for
+    the shadow run (``LayerTrace.real``: profiling's token-wise probes, at a short length). With
     ``real=False`` (the runtime, at the full training length) everything is fake from the start:
     nothing is computed or copied, and the trace holds no real tensor.
 
@@ -129,6 +129,8 @@ def trace_layer(layer: torch.nn.Module, args: tuple, kwargs: dict, *, seq_len: i
     pnames, bnames = list(params), list(buffers)
     fake = FakeTensorMode(allow_non_fake_inputs=True)
     copy = (lambda t: t.detach().clone()) if real else (lambda t: fake.from_tensor(t.detach()))
+    # the weights as they are (nothing writes into them; a copy of a 70B layer's is 1.7 GB)
+    share = (lambda t: t.detach()) if real else copy
 
     def prep(i: int) -> torch.Tensor:
         x = copy(leaves[i])
@@ -136,8 +138,8 @@ def trace_layer(layer: torch.nn.Module, args: tuple, kwargs: dict, *, seq_len: i
         return x.requires_grad_(wants_grad)
 
     inputs = [prep(i) for i in tensor_pos]
-    pvals = [copy(p).requires_grad_(p.requires_grad) for p in params.values()]
-    bvals = [copy(b) for b in buffers.values()]
+    pvals = [share(p).requires_grad_(p.requires_grad) for p in params.values()]
+    bvals = [share(b) for b in buffers.values()]
 
     def call(pv: list, bv: list, xs: list) -> Any:
         flat = list(leaves)

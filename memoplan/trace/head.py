@@ -21,6 +21,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from memoplan.trace.loader import ModelFile, make_inputs
+from memoplan.trace.meta import fake_weights
 
 
 class LiveBytes(TorchDispatchMode):
@@ -59,6 +60,8 @@ class LiveBytes(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and t.layout == torch.strided:
                 st = t.untyped_storage()
                 key = StorageWeakRef(st).cdata
+                if key in self.refs and all(r() is None for r in self.refs[key]):
+                    del self.refs[key]  # a dead storage's address, reused by this one
                 if key not in inputs and self.recording:  # a new storage
                     self.size[key] = st.nbytes()
                     self.refs[key] = [weakref.ref(t)]
@@ -70,11 +73,13 @@ class LiveBytes(TorchDispatchMode):
 
 
 def head_phase_bytes(mf: ModelFile, model: torch.nn.Module, layers: tuple[torch.nn.Module, ...],
-                     seq_len: int) -> int:
+                     seq_len: int, device: str | torch.device = "cpu") -> int:
     """Peak bytes that the model's code outside ``layers`` holds up to the head phase's end, at
     ``seq_len`` tokens: its inputs, what it makes before and between the layers (embedding
     output, positions), and after the last layer the final norm, head, loss and their
-    gradients down to the last layer's output."""
+    gradients down to the last layer's output. The model's parameters and buffers are made
+    fake before (meta ones on ``device``): a view of one, such as a Linear's transposed weight,
+    holds no new memory."""
     window = LiveBytes(recording=False, measuring=False)
     out: dict[str, torch.Tensor] = {}
 
@@ -90,7 +95,8 @@ def head_phase_bytes(mf: ModelFile, model: torch.nn.Module, layers: tuple[torch.
     handles = [h for layer in layers for h in (layer.register_forward_pre_hook(entered),
                                                layer.register_forward_hook(left))]
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True), window, torch.enable_grad():
+        with (FakeTensorMode(allow_non_fake_inputs=True) as mode,
+              fake_weights(model, mode, device), window, torch.enable_grad()):
             window.recording = window.measuring = True
             args, kwargs = make_inputs(mf, seq_len)
             result = model(*args, **kwargs)

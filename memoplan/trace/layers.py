@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from memoplan.errors import MemoplanError
 from memoplan.trace.loader import ModelFile, _user_error_summary, make_inputs
+from memoplan.trace.meta import fake_weights, has_meta
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,10 +162,11 @@ def attention_modules(run: Callable[[], Any], seq_len: int) -> set[int]:
     return found
 
 
-def model_attention_modules(mf: ModelFile, model: nn.Module,
-                            lens: tuple[int, ...]) -> set[int] | None:
+def model_attention_modules(mf: ModelFile, model: nn.Module, lens: tuple[int, ...],
+                            device: str | torch.device = "cpu") -> set[int] | None:
     """``attention_modules`` of the model on ``example_inputs``, at the first of ``lens`` that
-    is no parameter's or buffer's dimension: on fake tensors (no compute), else for real without
+    is no parameter's or buffer's dimension: on fake tensors (no compute; meta parameters as
+    fake ones on ``device``), else, for a model without meta parameters, for real without
     grad; None where neither runs. The global RNG is left as it was."""
     dims = {d for t in [*model.parameters(), *model.buffers()] for d in t.shape}
     seq_len = next((n for n in lens if n not in dims), lens[0])
@@ -173,9 +175,15 @@ def model_attention_modules(mf: ModelFile, model: nn.Module,
         args, kwargs = make_inputs(mf, seq_len)
         model(*args, **kwargs)
 
-    for mode in (FakeTensorMode(allow_non_fake_inputs=True), contextlib.nullcontext()):
+    @contextlib.contextmanager
+    def fake() -> Iterator[None]:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode, fake_weights(model, mode, device):
+            yield
+
+    # a model with meta parameters runs on fake tensors only
+    for mode in [fake] if has_meta(model) else [fake, contextlib.nullcontext]:
         try:
-            with torch.random.fork_rng(devices=[]), torch.no_grad(), mode:
+            with torch.random.fork_rng(devices=[]), torch.no_grad(), mode():
                 return attention_modules(run, seq_len)
         except Exception:  # noqa: BLE001  (the model's own code; the capture reports its errors)
             pass

@@ -28,9 +28,11 @@ from memoplan.trace.classify import (check_aligned, classify_forward, saved_stor
 from memoplan.trace.graph import LayerTrace, pick_primary, trace_layer
 from memoplan.trace.cache import without_cache
 from memoplan.trace.laws import fit_law
-from memoplan.trace.layers import capture_layer_call, find_repeated_layer, model_attention_modules
+from memoplan.trace.layers import (RepeatedLayer, capture_layer_call, find_repeated_layer,
+                                   model_attention_modules)
 from memoplan.trace.head import head_phase_bytes
-from memoplan.trace.loader import build, load_model_file
+from memoplan.trace.loader import ModelFile, _user_error_summary, build, load_model_file
+from memoplan.trace.meta import has_meta, materialise, parameters_on_meta, read_before
 from memoplan.trace.recompute import tokens_outermost
 from memoplan.trace.requests import allocation_requests, peak_live_bytes
 
@@ -49,6 +51,7 @@ class ProfileConfig:
     hardware: str = "h200"    # preset for the time estimate on a CPU
     device: str = "cpu"       # "cuda" measures times with CUDA events
     autocast: str | None = None  # trace under torch.autocast to this dtype, as training runs
+    meta: bool = True         # build with parameters on the meta device (trace.meta); False: real
 
     def __post_init__(self) -> None:
         if self.seq < MIN_SEQ or self.seq % 4:
@@ -73,13 +76,7 @@ def profile_model(cfg: ProfileConfig, *, progress: Callable[[str], None] = lambd
     hw = get_hardware(cfg.hardware)
     progress("loading model file")
     mf = load_model_file(cfg.model_file)
-    with torch.device(cfg.device) if cfg.device == "cuda" else contextlib.nullcontext():
-        model = build(mf)
-    if cfg.dtype:
-        model = model.to(DTYPES[cfg.dtype])
-    model = model.to(cfg.device).train()
-    found = find_repeated_layer(model, cfg.layer or mf.layer,
-                                probe=lambda: model_attention_modules(mf, model, cfg.seq_lens))
+    model, found, build_notes = _build(cfg, mf, progress)
     layer = found.first
     traces: list[LayerTrace] = []
     cast = (torch.autocast(device_type=cfg.device, dtype=DTYPES[cfg.autocast]) if cfg.autocast
@@ -88,7 +85,9 @@ def profile_model(cfg: ProfileConfig, *, progress: Callable[[str], None] = lambd
         for seq_len in cfg.seq_lens:
             progress(f"tracing {found.class_name} at {seq_len} tokens")
             call = capture_layer_call(mf, model, layer, seq_len)
-            traces.append(trace_layer(layer, *call, seq_len=seq_len, layer_name=found.class_name))
+            # real values only at the first length: only its trace is probed (classify_forward)
+            traces.append(trace_layer(layer, *call, seq_len=seq_len, layer_name=found.class_name,
+                                      real=seq_len == cfg.seq_lens[0]))
     check_aligned(traces)
     progress("classifying tensors")
     axes = seq_axes(traces)
@@ -130,7 +129,7 @@ def profile_model(cfg: ProfileConfig, *, progress: Callable[[str], None] = lambd
     flops_fwd, flops_bwd = _flop_splits(traces, classes)
     time_fwd, time_bwd, source = _layer_times(cfg, layer, call, flops_fwd.total, flops_bwd.total,
                                               hw.flops_per_s)
-    notes = [*found.notes]
+    notes = [*build_notes, *found.notes]
     if without_cache(*call)[2]:
         notes.append(f"the model passes a key/value cache to its {found.class_name} layers "
                      f"(transformers' use_cache, on by default): memoplan traces them without it, "
@@ -147,7 +146,8 @@ def profile_model(cfg: ProfileConfig, *, progress: Callable[[str], None] = lambd
                      f"class with --layer CLASSNAME (or LAYER in the model file)")
     primary = next(n for n, r in main.roles.items() if r == "primary")
     progress("measuring the head phase")
-    head_per_token, head_note = _head_bytes_per_token(mf, model, found.instances, lens[-2:], cast)
+    head_per_token, head_note = _head_bytes_per_token(mf, model, found.instances, lens[-2:], cast,
+                                                      cfg.device)
     if head_note:
         notes.append(head_note)
     model_info = ModelInfo(
@@ -174,6 +174,78 @@ def profile_model(cfg: ProfileConfig, *, progress: Callable[[str], None] = lambd
                    hash=layer_signature(layer))
 
 
+class _NotOnMeta(Exception):
+    """Why the model cannot be profiled with its parameters on the meta device."""
+
+
+def _build(cfg: ProfileConfig, mf: ModelFile, progress: Callable[[str], None]
+           ) -> tuple[torch.nn.Module, RepeatedLayer, list[str]]:
+    """The model, cast and on its device, and its repeated layer. Built with its parameters on
+    the meta device, the layer and what runs before it materialised (``trace.meta``); where
+    the file's code cannot run so (or ``cfg.meta`` is off), built with real weights, with a note
+    and a progress message that say why."""
+    notes = []
+    if cfg.meta:
+        try:
+            return *_build_on_meta(cfg, mf), notes
+        except _NotOnMeta as e:
+            notes.append(f"the model was built with real weights, which takes the memory and "
+                         f"time of the whole model: {e}")
+            progress(notes[-1])
+    with torch.device(cfg.device) if cfg.device == "cuda" else contextlib.nullcontext():
+        model = build(mf)
+    if cfg.dtype:
+        model = model.to(DTYPES[cfg.dtype])
+    model = model.to(cfg.device).train()
+    found = find_repeated_layer(model, cfg.layer or mf.layer,
+                                probe=lambda: model_attention_modules(mf, model, cfg.seq_lens))
+    return model, found, notes
+
+
+def _build_on_meta(cfg: ProfileConfig, mf: ModelFile) -> tuple[torch.nn.Module, RepeatedLayer]:
+    try:
+        with (torch.device(cfg.device) if cfg.device == "cuda" else contextlib.nullcontext(),
+              parameters_on_meta()):
+            model = mf.build_model()
+    except Exception as e:  # noqa: BLE001  (the model's own code; a real build reports its errors)
+        raise _NotOnMeta(f"build_model() cannot run with its parameters on the meta device "
+                         f"({_user_error_summary(mf.path, e)})") from e
+    if not isinstance(model, torch.nn.Module):
+        raise _NotOnMeta(f"build_model() returned {type(model).__name__}")
+    if cfg.dtype:
+        model = model.to(DTYPES[cfg.dtype])
+    model = model._apply(lambda t: t if t.is_meta else t.to(cfg.device)).train()
+
+    def probe() -> set[int] | None:
+        ran = model_attention_modules(mf, model, cfg.seq_lens, cfg.device)
+        if ran is None and has_meta(model):
+            raise _NotOnMeta("the model does not run on fake tensors, which finding its layer "
+                             "among several repeated ones takes")
+        return ran
+
+    found = find_repeated_layer(model, cfg.layer or mf.layer, probe=probe)
+    if not has_meta(model):
+        return model, found
+    materialise(found.first, cfg.device)
+    seq_len = cfg.seq_lens[0]
+    with torch.random.fork_rng(devices=[]):
+        try:
+            reads = read_before(mf, model, found.first, seq_len, cfg.device)
+        except Exception as e:  # noqa: BLE001  (the model's own code)
+            raise _NotOnMeta(f"the model's code before its first {found.class_name} does not run "
+                             f"on fake tensors ({_user_error_summary(mf.path, e)}), which "
+                             f"finding the parameters it reads takes") from e
+        materialise(model, cfg.device, reads)
+        try:  # nothing meta may reach the layer (a model that reads a parameter's device)
+            call = capture_layer_call(mf, model, found.first, seq_len)
+        except MemoplanError as e:
+            raise _NotOnMeta(str(e)) from e
+    if any(isinstance(t, torch.Tensor) and t.is_meta for t in pytree.tree_leaves(call)):
+        raise _NotOnMeta(f"the model passes a tensor on the meta device to its "
+                         f"{found.class_name} layer")
+    return model, found
+
+
 def _graph_nodes(trace: LayerTrace, classes: dict[str, str],
                  axes: dict[str, list[tuple[int, ...]]]) -> tuple[GraphNode, ...]:
     """The forward graph as data: placeholders, then call nodes, with classes and arguments."""
@@ -194,7 +266,8 @@ def _graph_nodes(trace: LayerTrace, classes: dict[str, str],
 
 
 def _head_bytes_per_token(mf, model: torch.nn.Module, layers: tuple[torch.nn.Module, ...],
-                          lens: tuple[int, ...], cast: Any) -> tuple[float, str | None]:
+                          lens: tuple[int, ...], cast: Any,
+                          device: str) -> tuple[float, str | None]:
     """Bytes per token the model's code outside the layers holds (inputs, embedding, and after
     the last layer the final norm, head, loss and their gradients), measured on fake tensors at
     two lengths (``trace.head``); the larger
@@ -203,7 +276,7 @@ def _head_bytes_per_token(mf, model: torch.nn.Module, layers: tuple[torch.nn.Mod
     (logits, their fp32 copy for the loss and their gradient), with a note saying so."""
     try:
         with cast:
-            return max(head_phase_bytes(mf, model, layers, n) / n for n in lens), None
+            return max(head_phase_bytes(mf, model, layers, n, device) / n for n in lens), None
     except Exception as e:  # noqa: BLE001  (the model's own code; the estimate still serves)
         inside = {id(m) for layer in layers for m in layer.modules()}
         heads = [m for m in model.modules()
