@@ -151,27 +151,57 @@ def show(
 
 # ---- sweep -----------------------------------------------------------------------------------
 
+LIMIT_NAMES = {"gpu": "GPU", "host": "host", "pcie": "PCIe", "none": "none"}
+STRATEGY_NAMES = {"plan": "plan", "keep_all": "keep all", "full_recompute": "full recompute",
+                  "offload_all": "offload all"}
+
+
 def _sweep_table(rows: list) -> Table:
-    """The sweep's rows as a rich table (memory in GiB per GPU, fits 80 columns)."""
+    """The sweep's rows as a rich table (memory in GiB per GPU, fits 80 columns): the plan's
+    figures, every strategy's MFU (x: does not fit) and what limits the plan."""
     from memoplan.units import fmt_tokens
 
-    table = Table(title="sweep: memory in GiB per GPU; predicted MFU of the plan, of keeping "
-                        "all activations (keep) and of full recomputation (recomp)",
+    table = Table(title="sweep: GiB per GPU; predicted MFU of the plan, keep-all, full "
+                        "recompute and offload-all (x: does not fit); limit: what holds the "
+                        "plan back (GPU/host memory, PCIe)",
                   title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    for col in ("seq", "tokens\n/GPU", "alpha", "host\nGiB", "arena\nGiB", "GPU\nGiB",
-                "MFU\nplan", "MFU\nkeep", "MFU\nrecomp", "fits"):
-        table.add_column(col, justify="left" if col == "fits" else "right")
-    gib = lambda n: f"{n / 2**30:,.2f}"  # noqa: E731
+    for col in ("seq", "tok\n/GPU", "alpha", "host\nGiB", "GPU\nGiB", "MFU\nplan",
+                "MFU\nkeep", "MFU\nrecomp", "MFU\noffload", "limit"):
+        table.add_column(col, justify="left" if col == "limit" else "right")
+    gib = lambda n: f"{n / 2**30:,.1f}"  # noqa: E731
+
+    def mfu(r, k: str) -> str:
+        value = (r.mfu or {}).get(k)
+        text = "-" if value is None else f"{value:.3f}"
+        return text if (r.fits_by or {"plan": r.fits}).get(k) else f"[dim]{text}[/][red]x[/]"
+
     for r in rows:
         head = (fmt_tokens(r.seq), fmt_tokens(r.tokens_per_gpu))
+        limit = LIMIT_NAMES.get(r.limit, r.limit)
+        limit = f"[red]{limit}[/]" if not r.fits else limit
+        mfus = [mfu(r, k) for k in ("plan", "keep_all", "full_recompute", "offload_all")]
         if not r.fits:
-            table.add_row(*head, *["-"] * 7, "[red]no[/]")
+            table.add_row(*head, "-", "-", "-", *mfus, limit)
             continue
-        table.add_row(*head, "-" if r.alpha is None else f"{r.alpha:.3f}", gib(r.host_bytes),
-                      gib(r.arena_bytes), gib(r.gpu_total_bytes),
-                      *(f"{r.mfu[k]:.3f}" for k in ("plan", "keep_all", "full_recompute")),
-                      "[green]yes[/]")
+        table.add_row(*head, "-" if r.alpha is None else f"{r.alpha:.2f}", gib(r.host_bytes),
+                      gib(r.gpu_total_bytes), *mfus, limit)
     return table
+
+
+def _longest_lines(summary: dict) -> list[str]:
+    """One line per strategy: its longest fitting length and what stops it after."""
+    from memoplan.units import fmt_tokens
+
+    lines = ["longest sequence that fits:"]
+    for k, info in summary.items():
+        best = info["longest_fit"]
+        text = f"[bold]{fmt_tokens(best)}[/] ({best:,} tokens)" if best else "[red]none[/]"
+        if info["stops_at"] is not None:
+            text += (f"; at {fmt_tokens(info['stops_at'])} "
+                     f"{LIMIT_NAMES.get(info['stopped_by'], info['stopped_by'])} memory is the "
+                     f"limit".replace("PCIe memory", "PCIe"))
+        lines.append(f"  {STRATEGY_NAMES[k] + ':':<16}{text}")
+    return lines
 
 
 @app.command()
@@ -194,12 +224,16 @@ def sweep(
     keep_last: KeepLastOpt = None,
     state_bytes_per_param: StateBytesOpt = 16.0,
     output: Annotated[Optional[Path], typer.Option("-o", "--output", help="Folder for sweep.png.")] = None,
+    plot_file: Annotated[Optional[Path], typer.Option(
+        "--plot", help="Draw the sweep into this PNG: MFU per strategy, where each stops "
+                       "fitting and why.")] = None,
     as_json: Annotated[bool, AS_JSON] = False,
     quiet: Annotated[bool, QUIET] = False,
 ) -> None:
-    """Solve PROFILE_FILE at each --seq length and report which lengths fit, at what MFU."""
+    """Solve PROFILE_FILE at each --seq length and report, per strategy (plan, keep-all, full
+    recompute, offload-all), which lengths fit, at what MFU, and what limits them."""
     from memoplan.hardware import get_hardware
-    from memoplan.sweep import longest_fit, parse_seq_list, run_sweep
+    from memoplan.sweep import longest_fit, parse_seq_list, run_sweep, strategy_summary
     from memoplan.units import fmt_tokens
 
     with _user_errors():
@@ -214,15 +248,31 @@ def sweep(
                         state_bytes_per_param=state_bytes_per_param)
         with _progress(quiet or as_json) as progress:
             rows = run_sweep(prof, lengths, settings, progress=progress)
-        picture = None
-        if output is not None:
-            from memoplan.plot import sweep_figure, write_pngs
+        pictures = []
+        if output is not None or plot_file is not None:
+            from memoplan.errors import MemoplanError
+            from memoplan.plot import sweep_strategies_figure, write_pngs
 
-            figure = sweep_figure(rows, gpu_mem_bytes=hardware.gpu_mem_gb * 2**30)
-            picture = write_pngs({"sweep": figure}, output)[0]
+            title = (f"{prof.model.layer_class} x {prof.model.num_layers} on {gpus} GPUs "
+                     f"({hardware.name})")
+            figure = sweep_strategies_figure(rows, gpu_mem_bytes=hardware.gpu_mem_gb * 2**30,
+                                             title=title)
+            if output is not None:
+                pictures += write_pngs({"sweep": figure}, output)
+            if plot_file is not None:
+                try:
+                    if plot_file.parent != Path(""):
+                        plot_file.parent.mkdir(parents=True, exist_ok=True)
+                    figure.savefig(plot_file, dpi=110, format="png")
+                except OSError as e:
+                    raise MemoplanError(f"Cannot write the picture '{plot_file}' "
+                                        f"({e.strerror or e}). Pick another --plot file.") from e
+                pictures.append(plot_file)
     best = longest_fit(rows)
+    summary = strategy_summary(rows)
     if as_json:
-        echo_json({"rows": [r.to_json() for r in rows], "longest_fit": best})
+        echo_json({"rows": [r.to_json() for r in rows], "longest_fit": best,
+                   "strategies": summary})
         return
     if quiet:
         return
@@ -230,7 +280,7 @@ def sweep(
     misses = [r for r in rows if not r.fits]
     if misses:
         console.print(f"[dim]{fmt_tokens(misses[0].seq)}: {misses[0].reason}[/]", highlight=False)
-    console.print("longest sequence that fits: "
-                  + (f"[bold]{fmt_tokens(best)}[/] ({best:,} tokens)" if best else "[red]none[/]"))
-    if picture is not None:
+    for line in _longest_lines(summary):
+        console.print(line, highlight=False)
+    for picture in pictures:
         console.print(str(picture), highlight=False, soft_wrap=True)

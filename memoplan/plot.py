@@ -496,27 +496,59 @@ def snapshot_figure(snap: SnapshotTrace, plan: Plan) -> Figure:
 
 # ---- sweep -----------------------------------------------------------------------------------
 
-def sweep_figure(rows: Sequence[Any], *, gpu_mem_bytes: float) -> Figure:
-    """MFU of the three strategies (left) and GPU memory (right) against sequence length.
+def sweep_strategies_figure(rows: Sequence[Any], *, gpu_mem_bytes: float,
+                            title: str | None = None) -> Figure:
+    """``memoplan sweep --plot``: predicted MFU of every strategy (plan, keep-all, full recompute,
+    offload-all) against sequence length (left) and their GPU memory (right).
 
-    ``rows`` are :class:`memoplan.sweep.SweepRow`; lengths that do not fit are crosses on the
-    GPU-memory line.
+    ``rows`` are :class:`memoplan.sweep.SweepRow`. A strategy's MFU line is solid where it fits
+    and dotted, faded, where it does not; a cross marks the first length past its longest fit,
+    annotated with what stops it there (GPU memory, host memory, PCIe). The plan's limit at
+    length it fits is written under its point (artist gids ``mfu:<strategy>``, ``stop:<strategy>``,
+    ``limit:<seq>``).
     """
-    fig = _figure(12, 4.5)
+    from memoplan.sweep import STRATEGIES, strategy_summary
+
+    names = {"gpu": "GPU memory", "host": "host memory", "pcie": "PCIe", "none": ""}
+    styles = {**STRATEGY_STYLE, "offload_all": ("offload all", "#f28e2b", "D-.")}
+    summary = strategy_summary(rows)
+    fig = _figure(12, 4.8)
     mfu_ax, mem_ax = fig.subplots(1, 2, sharex=True)
-    fit = [r for r in rows if r.fits]
-    xs = [r.seq for r in fit]
-    for key, (label, color, style) in STRATEGY_STYLE.items():
-        mfu_ax.plot(xs, [r.mfu[key] for r in fit], style, color=color, label=label, gid=f"mfu:{key}")
-        mem_ax.plot(xs, [r.gpu_bytes[key] / GIB for r in fit], style, color=color, label=label,
-                    gid=f"mem:{key}")
-    mem_ax.plot(xs, [r.host_bytes / GIB for r in fit], "d-.", color="#9c755f",
-                label="host memory (plan)", gid="mem:host")
-    mem_ax.axhline(gpu_mem_bytes / GIB, color="black", linewidth=1, label="GPU memory", gid="gpu_mem")
-    misses = [r.seq for r in rows if not r.fits]
-    if misses:
-        mem_ax.plot(misses, [gpu_mem_bytes / GIB] * len(misses), "x", color="#d62728",
-                    markersize=10, mew=2, label="does not fit", gid="misses")
+    for key in STRATEGIES:
+        label, color, style = styles[key]
+        info = summary[key]
+        pts = [(x, m, f) for x, m, f in zip(info["seq"], info["mfu"], info["fits"]) if m is not None]
+        fit = [(x, m) for x, m, f in pts if f]
+        if fit:
+            mfu_ax.plot(*zip(*fit), style, color=color, label=label, gid=f"mfu:{key}")
+        else:
+            mfu_ax.plot([], [], style, color=color, label=f"{label} (never fits)", gid=f"mfu:{key}")
+        if pts:
+            mfu_ax.plot([x for x, _, _ in pts], [m for _, m, _ in pts], ":", color=color,
+                        alpha=0.35, gid=f"mfu_all:{key}")
+        if info["stops_at"] is not None:
+            stop = info["seq"].index(info["stops_at"])
+            y = info["mfu"][stop]
+            if y is None:  # the plan where it does not fit: no MFU, mark on the axis
+                y = 0.0
+            mfu_ax.plot([info["stops_at"]], [y], "X", color=color, markersize=11, mec="black",
+                        mew=0.8, gid=f"stop:{key}")
+            mfu_ax.annotate(f"{label}: {names.get(info['stopped_by'], info['stopped_by'])}",
+                            (info["stops_at"], y), textcoords="offset points", xytext=(6, 6),
+                            fontsize=7, color=color)
+        mem = [(r.seq, r.gpu_bytes[key] / GIB) for r in rows
+               if r.gpu_bytes and key in r.gpu_bytes]
+        if mem:
+            mem_ax.plot(*zip(*mem), style, color=color, label=label, gid=f"mem:{key}")
+    for r in rows:  # the plan's limit at each length it fits, under its point
+        lim = r.limit
+        if r.fits and lim != "none":
+            y = r.mfu["plan"]
+            mfu_ax.annotate(names.get(lim, lim), (r.seq, y), textcoords="offset points",
+                            xytext=(0, -12), ha="center", fontsize=7, color="#4e79a7",
+                            gid=f"limit:{r.seq}")
+    mem_ax.axhline(gpu_mem_bytes / GIB, color="black", linewidth=1, label="GPU memory",
+                   gid="gpu_mem")
     for ax in (mfu_ax, mem_ax):
         ax.set_xscale("log", base=2)
         ax.set_xticks([r.seq for r in rows], [fmt_tokens(r.seq) for r in rows])
@@ -529,8 +561,11 @@ def sweep_figure(rows: Sequence[Any], *, gpu_mem_bytes: float) -> Figure:
     mfu_ax.set_ylim(bottom=0)
     mem_ax.set_yscale("log")
     mem_ax.set_ylabel("GiB per GPU (log scale)")
-    mfu_ax.set_title("predicted MFU", fontsize=10)
+    mfu_ax.set_title("predicted MFU (dotted: does not fit; X: stops fitting, and why; "
+                     "under the plan: its limit)", fontsize=9)
     mem_ax.set_title("GPU memory per GPU (model states included)", fontsize=10)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return fig
 
 

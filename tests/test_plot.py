@@ -314,7 +314,9 @@ def test_sweep_reports_rows_and_the_longest_fitting_length(cli, tmp_path):
     between = (small + large) / 2 / 2**30  # a GPU that holds the 32K plan but not the 64K one
     r = cli(*base, "--gpu-mem-gb", f"{between:.6f}", "-o", tmp_path / "sw")
     assert r.exit_code == 0, r.output
-    assert "longest sequence that fits: 32K" in r.output
+    assert "longest sequence that fits:" in r.output
+    plan_line = next(line for line in r.output.splitlines() if line.startswith("  plan:"))
+    assert "32K" in plan_line and "at 64K GPU memory is the limit" in plan_line
     assert "does not fit" in r.output and "32K" in r.output and "64K" in r.output
     assert (tmp_path / "sw" / "sweep.png").read_bytes()[:4] == b"\x89PNG"
 
