@@ -100,6 +100,7 @@ def _fsdp_worker(rank: int, port: int, cases) -> None:
     try:
         for plan, when, mp_dtype in cases:
             _train_pair(rank, plan, when, mp_dtype)
+        dist.barrier()  # both ranks done before the group goes (gloo aborts on pending work)
     finally:
         dist.destroy_process_group()
 
@@ -225,6 +226,7 @@ def _cp_worker(rank: int, port: int, plans) -> None:
                     torch.testing.assert_close(ga[name], gb[name], rtol=1e-5, atol=1e-8,
                                                msg=lambda t: f"rank {rank} step {step} {name}: {t}")
             assert model._memoplan_runner.calls == 2 * len(plan.layers)
+        dist.barrier()  # both ranks done before the group goes (gloo aborts on pending work)
     finally:
         dist.destroy_process_group()
 
