@@ -248,7 +248,12 @@ def _split_buffer(state: LayerState, c: str, arena: Arena) -> torch.Tensor:
     if name in arena.blocks and _tokens_lead(state, c):
         lease = arena.lease(name)
         full = lease.tensor(shape, dtype, order)
-        if full is not None:
+        # its copied tokens go in now: past the bytes the plan gives them (more tokens copied
+        # than planned, alpha raised at run time), they would land on what the plan puts after
+        # them until the block grows
+        head = full.numel() // shape[state.axis[c]] * state.split_at[c] * dtype.itemsize \
+            if full is not None else 0
+        if full is not None and (head <= lease.size or lease.extend()):
             state.split_lease[c] = lease
             return full
         lease.release()
