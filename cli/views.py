@@ -117,7 +117,8 @@ def plan_facts(plan: Plan) -> dict[str, Any]:
                           "lower_bound": lp.lower_bound, "ratio": lp.ratio,
                           "greedy_peak": lp.greedy_peak,
                           "caching_reserved_peak": lp.caching_reserved_peak,
-                          "status": lp.status, "gap": lp.gap}
+                          "status": lp.status, "gap": lp.gap, "method": lp.method,
+                          "note": lp.note}
                    for name, lp in plan.levels.items()},
         "predicted": {"iteration_s": p.iteration_s, "mfu": p.mfu, "gpu_bytes": p.gpu_bytes,
                       "stall_s": p.stall_s, "recompute_s": p.recompute_s,

@@ -137,15 +137,18 @@ def plan_summary(plan: Plan) -> Group:
     host_total = sum(d.host_bytes for d in plan.layers)
 
     levels = Table(title="address plan (MiB)", title_justify="left")
-    for col in ("level", "n", "MIP", "bound", "ratio", "greedy", "caching", "status", "s"):
+    for col in ("level", "n", "plan", "bound", "ratio", "greedy", "caching", "status", "s"):
         levels.add_column(col, justify="left" if col in ("level", "status") else "right")
     mib = lambda x: f"{x / 2**20:,.1f}"  # noqa: E731
     for name, lp in plan.levels.items():
         levels.add_row(name, str(len(lp.offsets)), mib(lp.peak), mib(lp.lower_bound),
                        f"{lp.ratio:.3f}", mib(lp.greedy_peak), mib(lp.caching_reserved_peak),
                        lp.status + (f" {lp.gap:.1%}" if lp.gap > 0 else ""), f"{lp.seconds:.1f}")
-    levels.caption = ("MIP: planned peak; bound: largest live total; greedy: greedy-by-size;\n"
-                      "caching: PyTorch caching allocator's reserved peak (simulated)")
+    levels.caption = ("plan: planned peak; bound: largest live total; greedy: greedy-by-size;\n"
+                      "caching: PyTorch caching allocator's reserved peak (simulated)"
+                      + "".join(f"\n{name}: offsets by {lp.method}; {lp.note}"
+                                for name, lp in plan.levels.items() if lp.note))
+    levels.caption_justify = "left"
     p = plan.predicted
     pred = Table(title="predicted per iteration (cost model)", title_justify="left")
     for col in ("strategy", "seconds", "MFU", "GPU memory"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -19,9 +20,13 @@ from memoplan.solve.dsa import (
     Block,
     Placement,
     blocks_from_requests,
+    first_fit,
+    hole_bound,
     lower_bound,
     lowest_fit,
     peak_of,
+    search_orders,
+    simulate_best_fit,
     solve_greedy,
 )
 from memoplan.solve.mip_dsa import solve_mip
@@ -76,10 +81,18 @@ def test_greedy_loses_on_a_chain_and_the_mip_finds_the_optimum():
     assert (greedy.peak, greedy.lower_bound, greedy.status) == (4, 3, "feasible")
     assert greedy.gap == pytest.approx(0.25)
 
-    best = solve_mip(CHAIN, time_limit=10)
+    best = solve_mip(CHAIN, time_limit=10, search=False)  # CBC alone
 
     check_placement(CHAIN, best)
     assert (best.peak, best.status, best.method, best.gap) == (3, "optimal", "mip", 0.0)
+    assert [stage for stage, _, _ in best.stages] == ["start", "mip"]
+
+    found = solve_mip(CHAIN, time_limit=10)  # the order search finds it first: no MIP
+
+    check_placement(CHAIN, found)
+    assert (found.peak, found.status, found.method, found.gap) == (3, "optimal", "search", 0.0)
+    assert [(stage, peak) for stage, peak, _ in found.stages] == [("start", 4), ("search", 3)]
+    assert found.note == "the order search meets the lower bound (3 B): no MIP"
 
 
 def test_optimum_equal_to_the_lower_bound_is_returned_without_a_mip(monkeypatch):
@@ -293,10 +306,132 @@ def test_no_plan_from_cbc_falls_back_to_greedy(monkeypatch):
     monkeypatch.setattr(mip_dsa.mip.Model, "optimize",
                         lambda self, **kw: mip_dsa.mip.OptimizationStatus.NO_SOLUTION_FOUND)
 
-    result = solve_mip(CHAIN, time_limit=5)
+    result = solve_mip(CHAIN, time_limit=5, search=False)
 
     check_placement(CHAIN, result)
     assert (result.status, result.peak, result.gap) == ("greedy-fallback", 4, 0.25)
+    assert "CBC ended with NO_SOLUTION_FOUND" in result.note
+
+
+# --- order search, hole bound, best fit, level-2 starts ---------------------------------------
+
+
+def test_the_order_search_finds_the_chain_optimum_and_stops_at_the_target():
+    greedy = solve_greedy(CHAIN)
+
+    found = search_orders(CHAIN, greedy.offsets, target=3, deadline=time.perf_counter() + 10)
+
+    check_placement(CHAIN, plan(found, peak_of(CHAIN, found), 3))
+    assert peak_of(CHAIN, found) == 3
+    # a target it already meets, or a deadline already past: the start's order, first-fit
+    for kw in ({"target": 4, "deadline": time.perf_counter() + 10},
+               {"target": 3, "deadline": time.perf_counter() - 1}):
+        again = search_orders(CHAIN, greedy.offsets, **kw)
+        assert again == first_fit(CHAIN, sorted(CHAIN, key=lambda b: greedy.offsets[b.id]))
+        assert peak_of(CHAIN, again) <= greedy.peak
+
+
+def test_the_order_search_is_deterministic_and_never_worse():
+    blocks = random_blocks(seed=3, n=60, steps=30)
+    greedy = solve_greedy(blocks)
+
+    runs = [search_orders(blocks, greedy.offsets, target=0, deadline=time.perf_counter() + 60,
+                          max_evals=3000, seed=7) for _ in range(2)]
+
+    assert runs[0] == runs[1]
+    check_placement(blocks, plan(runs[0], peak_of(blocks, runs[0]), greedy.lower_bound))
+    assert peak_of(blocks, runs[0]) <= greedy.peak
+
+
+# Two blocks hold 1 byte from step 0 and 5 bytes from step 2 on; a 10-byte block lives over
+# steps 0..1 only. Live bytes: 12, 12, 10: lower bound 12. At step 0 the big block can cover
+# one hole, not both (it would contain the head between them), so 4 bytes stay empty: 16. And
+# 16 is reached: g at 0, f from 1 over g's hole, h at 11.
+HOLES = [Block(id="g", size=1, start=0, end=3, grow=4, grow_at=2),
+         Block(id="h", size=1, start=0, end=3, grow=4, grow_at=2), block("f", 10, 0, 2)]
+
+
+def test_the_hole_bound_counts_holes_nothing_can_fill_and_proves_the_optimum(monkeypatch):
+    assert (lower_bound(HOLES), hole_bound(HOLES)) == (12, 16)
+    assert brute_force_optimum(HOLES) == 16
+    assert hole_bound(CHAIN) == lower_bound(CHAIN)  # nothing grows
+
+    monkeypatch.setattr(mip_dsa, "_build_model", lambda *a, **k: pytest.fail("MIP built"))
+    result = solve_mip(HOLES, time_limit=10)
+
+    check_placement(HOLES, result)
+    assert (result.peak, result.status, result.gap) == (16, "optimal", 0.0)
+
+
+def test_solver_notes_say_what_ran():
+    at_bound = solve_mip([block("a", 4, 0, 2), block("b", 4, 1, 3)], time_limit=5)
+    assert at_bound.note == "greedy meets the lower bound (8 B): no search, no MIP"
+    assert [stage for stage, _, _ in at_bound.stages] == ["start"]
+
+    proved = solve_mip(UNAVOIDABLE, time_limit=20)  # the search finds 5, CBC proves it
+    assert [(stage, peak) for stage, peak, _ in proved.stages][1:] == [("search", 5), ("mip", 5)]
+    assert proved.note == "CBC proved the optimum; it found no lower peak"
+
+
+def test_best_fit_takes_the_smallest_gap_and_cannot_grow_in_place():
+    # a [0,4) and b [4,6) from step 0; a dies at 2; c (3) takes a's gap of 4 at step 2
+    blocks = [block("a", 4, 0, 2), block("b", 2, 0, 3), block("c", 3, 2, 3),
+              Block(id="g", size=1, start=1, end=3, grow=2, grow_at=2)]
+
+    result = simulate_best_fit(blocks)
+
+    check_placement(blocks, result)
+    assert result.offsets == {"a": 0, "b": 4, "c": 0, "g": 6}  # g holds 3 bytes from step 1
+    assert (result.peak, result.method) == (9, "best-fit")
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 7), st.integers(1, 4), st.integers(1, 6),
+                          st.integers(0, 3)), max_size=12))
+def test_best_fit_plans_are_valid(specs):
+    blocks = [block(i, size, start, start + length) for i, (start, length, size, _) in
+              enumerate(specs)]
+
+    result = simulate_best_fit(blocks)
+
+    check_placement(blocks, result)
+    assert result.peak >= lower_bound(blocks)
+
+
+def _checkpointed_iteration() -> tuple[list[Block], int]:
+    """Level 2 of Llama-7B at 1M tokens on 8 GPUs when host memory runs short (sizes in MiB as
+    solve makes them): 1 offloaded layer, 25 checkpointed ones, the last kept."""
+    from memoplan.ir import LayerDecision
+    from memoplan.solve.levels import level2_blocks
+    from memoplan.solve.swap import LayerBytes
+
+    mib = 2**20
+    modes = ["offload"] + ["recompute"] * 25 + ["keep"]
+    decisions = [LayerDecision(index=i, mode=mode, alpha=0.013 if mode == "offload" else 0.0,
+                               swapped_bytes=0, recomputed_bytes=0, host_bytes=0,
+                               gpu_kept_bytes=0) for i, mode in enumerate(modes)]
+    lb = LayerBytes(input=1024 * mib, mixing=0, fixed=0, token_wise=23313 * mib, shared=0)
+    blocks = level2_blocks(decisions, lb, 15424 * mib, 31010 * mib, 512)
+    return [b for b in blocks if not b.is_trivial], len(modes)
+
+
+def test_the_phase_ordered_start_stacks_the_blocks_that_span_forward_and_backward():
+    from memoplan.ir import Steps
+    from memoplan.solve.levels import level2_starts, phase_ordered
+
+    blocks, layers = _checkpointed_iteration()
+
+    phased = phase_ordered(blocks, Steps(layers).head)
+    check_placement(blocks, phased)
+    # greedy-by-size puts the 31 GiB backward transients first and leaves holes in the stack
+    # of checkpointed layers' inputs; stacked first, those meet the bound
+    assert phased.peak == hole_bound(blocks) == 97395 * 2**20 < solve_greedy(blocks).peak
+    hidden = [phased.offsets[f"hidden[{i}]"] for i in range(2, layers)]
+    assert hidden == sorted(hidden)  # each layer's input lies on the one before it
+    assert phased in level2_starts(blocks, layers)
+    placement = solve_mip(blocks, time_limit=5, unit=512, warm_start=phased)
+    assert (placement.peak, placement.method, placement.status) == (phased.peak,
+                                                                    "phase-ordered", "optimal")
 
 
 # --- property tests -------------------------------------------------------------------------
@@ -440,3 +575,32 @@ def test_blocks_refuse_impossible_fields():
         block("a", -1, 0, 1)
     with pytest.raises(MemoplanError, match="need 0 <= start <= end"):
         block("a", 1, 3, 2)
+
+
+@st.composite
+def growing_block_lists(draw, max_blocks: int = 6, steps: int = 5) -> list[Block]:
+    """Blocks of which some grow (their extra bytes from a step inside their lifetime)."""
+    blocks = []
+    for i in range(draw(st.integers(1, max_blocks))):
+        start = draw(st.integers(0, steps - 1))
+        end = draw(st.integers(start + 1, steps))
+        size = draw(st.integers(1, 4))
+        if end - start >= 2 and draw(st.booleans()):
+            blocks.append(Block(id=i, size=size, start=start, end=end,
+                                grow=draw(st.integers(1, 4)),
+                                grow_at=draw(st.integers(start + 1, end - 1))))
+        else:
+            blocks.append(block(i, size, start, end))
+    return blocks
+
+
+@settings(max_examples=40, deadline=None)
+@given(growing_block_lists())
+def test_with_growing_blocks_the_hole_bound_holds_and_the_solver_finds_the_optimum(blocks):
+    optimum = brute_force_optimum(blocks)
+
+    result = solve_mip(blocks, time_limit=10)
+
+    check_placement(blocks, result)
+    assert lower_bound(blocks) <= hole_bound(blocks) <= optimum
+    assert (result.peak, result.status) == (optimum, "optimal")

@@ -280,18 +280,28 @@ def test_solver_time_limit_still_returns_a_checked_plan(llama7b, tmp_path):
 
 def test_without_python_mip_the_plan_is_greedy_checked_and_says_so(llama7b, monkeypatch):
     """Where python-mip cannot be imported (no CBC build for the platform, or the GPU machine
-    that has none), solve still gives a checked plan, from greedy-by-size, and says so."""
+    that has none), solve still gives a checked plan, from greedy-by-size and the order search
+    (which needs no CBC), and says so."""
     from memoplan.solve import mip_dsa, plan as plan_module
 
     for module in (mip_dsa, plan_module):
         monkeypatch.setattr(module, "MIP_MISSING", "ModuleNotFoundError: No module named 'mip'")
     monkeypatch.setattr(mip_dsa, "mip", None)
     plan = solve_plan(llama7b, _cfg(32 * 1024, time_limit=5, state_bytes_per_param=4))
-    assert plan.solver["backend"] == "greedy (no python-mip)"
+    assert plan.solver["backend"] == "greedy + order search (no python-mip)"
     assert any("python-mip could not be imported" in n for n in plan.notes)
     for lp in plan.levels.values():
         assert lp.status in ("optimal", "greedy-fallback")
-        assert lp.peak == lp.greedy_peak
+        assert lp.peak <= lp.greedy_peak
+        assert "MIP" in lp.note and lp.method != "mip"
+    # the order search needs no CBC: where greedy-by-size leaves a hole, it still runs
+    from memoplan.solve.dsa import Block, solve_greedy
+
+    blocks = [Block(id=g, size=1, start=0, end=3, grow=4, grow_at=2) for g in "gh"]
+    blocks.append(Block(id="f", size=10, start=0, end=2))
+    placement = mip_dsa.solve_mip(blocks, time_limit=2)
+    assert solve_greedy(blocks).peak == 20
+    assert (placement.peak, placement.method, placement.status) == (16, "search", "optimal")
 
 
 def test_json_output_for_scripts(cli, tiny_file, tmp_path):

@@ -6,10 +6,14 @@ of `Block`s: each tensor is ``size`` bytes live over request steps ``[start, end
 overlap must not overlap in address. Here:
 
 - `blocks_from_requests`: trace -> blocks, with clear errors for malformed traces;
-- `lower_bound`: the largest total of simultaneously live bytes (no plan can do better);
+- `lower_bound`: the largest total of simultaneously live bytes (no plan can do better), and
+  `hole_bound`, a bound at least as high that counts the holes growing blocks leave;
 - `solve_greedy`: greedy-by-size (TFLite's arena planner, OLLA's baseline), the fallback and
-  the warm start of the MIP in `mip_dsa`; `greedy_offsets`, `lowest_fit` and `peak_of` are its
-  parts, shared with the MIP.
+  the warm start of the MIP in `mip_dsa`; `greedy_offsets`, `lowest_fit`, `first_fit` and
+  `peak_of` are its parts, shared with the MIP;
+- `search_orders`: iterated local search over the order in which blocks are placed first-fit,
+  the step `mip_dsa` runs between its start plan and CBC;
+- `simulate_best_fit`: an online best-fit allocator on one arena (a baseline).
 
 Lifetimes are half-open: a block freed at step ``j`` and one malloc'ed at step ``j`` may share
 bytes. Blocks of size 0 or with an empty lifetime (``start == end``) conflict with nothing and
@@ -24,6 +28,8 @@ conflict over the bytes each holds during their common steps (`Block.reach`).
 
 from __future__ import annotations
 
+import math
+import random
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -85,10 +91,14 @@ class Placement:
     offsets: dict[BlockId, int]
     peak: int  # bytes: max over blocks of offset+size (0 for no blocks)
     lower_bound: int  # bytes: largest total of simultaneously live bytes
-    method: str  # "mip", "greedy", ...
+    method: str  # "mip", "search", "greedy", ...
     status: str  # "optimal", "feasible" (time limit hit, best found), "greedy-fallback"
     gap: float  # (peak - best_bound)/peak as reported by the solver; 0.0 if optimal
     seconds: float  # wall time the solver spent
+    note: str = ""  # what the solver did and skipped, and why (e.g. no MIP: start at the bound)
+    # (stage, peak bytes after it, seconds since the solver began), in order: "start", "search",
+    # "mip"; a stage that did not run is absent
+    stages: tuple[tuple[str, int, float], ...] = ()
 
 
 def lifetimes_overlap(a: Block, b: Block) -> bool:
@@ -235,6 +245,50 @@ def lower_bound(blocks: Iterable[Block]) -> int:
     return best
 
 
+def hole_bound(blocks: Iterable[Block]) -> int:
+    """A lower bound on the peak, at least `lower_bound`, that counts growing blocks' holes.
+
+    While a growing block G holds only its head, the ``G.grow`` bytes right after it are a
+    hole: a block b may lie there only if b is dead by ``G.grow_at`` (else both would hold those
+    bytes at once). At a step k, take the growing blocks still in their head phase (a head of
+    at least a byte), leaving out any that may lie in another's hole (dead by the other's
+    ``grow_at``): their holes are then pairwise disjoint. The peak must hold the live bytes and these holes, less what other live
+    blocks cover of the holes. Such a block f must be dead by the grow_at of the hole it is in,
+    covers at most one hole (covering two, it would contain the head just below the upper one,
+    live at k) and at most ``min(f.top, that hole)`` of it. So, at every step k:
+
+        peak >= live(k) + max(0, sum of holes - sum over such f of min(f.top, largest hole f
+                                                                      may be in))
+
+    Without growing blocks this is `lower_bound`.
+
+    Two blocks of 1 byte that grow by 4 at step 2, and one of 10 bytes dead by then: at step 0
+    the big one fills one hole, and the other hole stays empty (optimum 16: g, f from byte 1
+    over g's hole, h from byte 11).
+
+    >>> grows = [Block(id=g, size=1, start=0, end=3, grow=4, grow_at=2) for g in "gh"]
+    >>> big = Block(id="f", size=10, start=0, end=2)
+    >>> lower_bound(grows + [big]), hole_bound(grows + [big])
+    (12, 16)
+    """
+    blocks = [b for b in blocks if not b.is_trivial]
+    best = lower_bound(blocks)
+    growing = [b for b in blocks if b.grow]
+    for k in sorted({b.start for b in blocks}) if growing else ():
+        live = [b for b in blocks if b.start <= k < b.end]
+        heads = [g for g in growing if g.size and g.start <= k < g.grow_at]
+        holes = [g for g in heads if not any(h is not g and g.end <= h.grow_at for h in heads)]
+        if not holes:
+            continue
+        cover = 0
+        for f in live:
+            room = [g.grow for g in holes if g is not f and f.end <= g.grow_at]
+            cover += min(f.top, max(room)) if room else 0
+        held = sum(b.top if b.grow and b.grow_at <= k else b.size for b in live)
+        best = max(best, held + max(0, sum(g.grow for g in holes) - cover))
+    return best
+
+
 def greedy_offsets(blocks: Sequence[Block]) -> dict[BlockId, int]:
     """Greedy-by-size offsets: largest block first, each at the lowest offset that fits.
 
@@ -275,6 +329,25 @@ def lowest_fit(block: Block, placed: list[Block], offsets: dict[BlockId, int]) -
     return candidate
 
 
+def first_fit(blocks: Sequence[Block], order: Sequence[Block]) -> dict[BlockId, int]:
+    """Offsets from placing `order` (the blocks, in any order) one by one at the lowest offset
+    that fits (`lowest_fit`); trivial blocks go to 0.
+
+    Placing blocks in the order of any valid plan's offsets, lowest first, gives a plan whose
+    peak is no higher: by induction each block lands at or below its offset in that plan (the
+    blocks placed before it lie below it there, and were moved only down). So some order gives
+    an optimum, and `search_orders` searches over orders."""
+    by_id = {b.id: b for b in blocks}
+    placed: list[Block] = []
+    offsets: dict[BlockId, int] = {}
+    for b in order:
+        block = by_id[b.id]
+        offsets[block.id] = 0 if block.is_trivial else lowest_fit(block, placed, offsets)
+        if not block.is_trivial:
+            placed.append(block)
+    return offsets
+
+
 def peak_of(blocks: Iterable[Block], offsets: dict[BlockId, int]) -> int:
     """Arena size the offsets need: max of offset + size (0 when there are no blocks)."""
     return max((offsets[b.id] + b.top for b in blocks), default=0)
@@ -297,7 +370,7 @@ def solve_greedy(blocks: Sequence[Block]) -> Placement:
     offsets = greedy_offsets(blocks)
     peak = peak_of(blocks, offsets)
     bound = lower_bound(blocks)
-    floor = max([bound] + [b.top for b in blocks])  # blocks never live still fit under the peak
+    floor = max([hole_bound(blocks)] + [b.top for b in blocks])  # blocks never live still fit
     gap = (peak - floor) / peak if peak else 0.0
     return Placement(
         offsets=offsets,
@@ -308,3 +381,139 @@ def solve_greedy(blocks: Sequence[Block]) -> Placement:
         gap=gap,
         seconds=time.perf_counter() - began,
     )
+
+
+SEARCH_STALL = 2000  # placements without a lower peak before the search restarts from its best
+SEARCH_KICK = 3  # random moves that restart it
+SEARCH_PATIENCE = 20 * SEARCH_STALL  # placements without a new best before it gives up
+
+
+def search_orders(blocks: Sequence[Block], offsets: dict[BlockId, int], *, target: int,
+                  deadline: float, max_evals: int = 10**6, seed: int = 0) -> dict[BlockId, int]:
+    """Offsets with a peak at most that of `offsets` (a valid plan), found by iterated local
+    search over the order in which `first_fit` places the blocks.
+
+    It starts from the order of `offsets` (lowest first, which first-fit places no higher) and
+    moves one block to another place in the order; a move is kept when the peak does not rise,
+    so the search drifts along plateaus. After `SEARCH_STALL` placements without a lower peak it
+    restarts from the best order with `SEARCH_KICK` random moves. It stops when the peak reaches
+    `target` (a lower bound), at `deadline` (``time.perf_counter``), after `max_evals`
+    placements or after `SEARCH_PATIENCE` placements without a new best: deterministic for a
+    seed, unless the deadline stops it. A placement re-places only the blocks from the first
+    moved position on and stops as soon as it passes the peak to beat."""
+    live = [b for b in blocks if not b.is_trivial]
+    result = {b.id: 0 for b in blocks}
+    if len(live) < 2:
+        return {**result, **{b.id: offsets[b.id] for b in live}}
+    fit = _FirstFit(live)
+    order = sorted(range(len(live)), key=lambda i: (offsets[live[i].id], -live[i].top, i))
+    placed: list[int | None] = [None] * len(live)
+    peak = fit.place(order, placed, 0, math.inf)
+    best, best_order, best_placed = peak, order, placed
+    rng = random.Random(seed)
+    evals = since_lower = since_best = 0
+    n = len(live)
+    while best > target and evals < max_evals and since_best < SEARCH_PATIENCE \
+            and time.perf_counter() < deadline:
+        if since_lower >= SEARCH_STALL:
+            order = list(best_order)
+            for _ in range(SEARCH_KICK):
+                order.insert(rng.randrange(n), order.pop(rng.randrange(n)))
+            placed = [None] * n
+            peak = fit.place(order, placed, 0, math.inf)
+            since_lower = 0
+        i, j = rng.randrange(n), rng.randrange(n - 1)
+        j += j >= i  # another place
+        trial_order = list(order)
+        trial_order.insert(j, trial_order.pop(i))
+        trial = list(placed)
+        trial_peak = fit.place(trial_order, trial, min(i, j), peak)
+        evals += 1
+        since_lower += 1
+        since_best += 1
+        if trial_peak is None:
+            continue
+        if trial_peak < peak:
+            since_lower = 0
+        order, placed, peak = trial_order, trial, trial_peak
+        if peak < best:
+            best, best_order, best_placed, since_best = peak, order, placed, 0
+    result.update({b.id: best_placed[i] for i, b in enumerate(live)})
+    return result
+
+
+class _FirstFit:
+    """First-fit placement of blocks (none trivial) by index, with each block's conflicts
+    (blocks live at a common step, and the bytes each holds then) worked out once."""
+
+    def __init__(self, blocks: list[Block]) -> None:
+        self.top = [b.top for b in blocks]
+        self.conflicts: list[list[tuple[int, int, int]]] = [[] for _ in blocks]
+        live: list[int] = []
+        for j in sorted(range(len(blocks)), key=lambda i: blocks[i].start):
+            live = [i for i in live if blocks[i].end > blocks[j].start]
+            for i in live:
+                a, b = blocks[i], blocks[j]
+                self.conflicts[i].append((j, a.reach(b), b.reach(a)))
+                self.conflicts[j].append((i, b.reach(a), a.reach(b)))
+            live.append(j)
+
+    def place(self, order: list[int], offsets: list[int | None], first: int,
+              limit: float) -> int | None:
+        """Place ``order[first:]`` first-fit, given the offsets of ``order[:first]`` (updated
+        in place); the peak, or None as soon as it exceeds `limit`."""
+        for i in order[first:]:
+            offsets[i] = None
+        peak = max((offsets[i] + self.top[i] for i in order[:first]), default=0)
+        for i in order[first:]:
+            forbidden = sorted((offsets[j] - low, offsets[j] + high)
+                               for j, low, high in self.conflicts[i] if offsets[j] is not None)
+            at = 0
+            for low, high in forbidden:
+                if low >= at:
+                    break
+                at = max(at, high)
+            offsets[i] = at
+            peak = max(peak, at + self.top[i])
+            if peak > limit:
+                return None
+        return peak
+
+
+def simulate_best_fit(blocks: Sequence[Block]) -> Placement:
+    """An online best-fit allocator on one arena: requests in time order (frees before mallocs
+    at a step, mallocs in input order), each block at the start of the smallest free gap that
+    holds it (the lowest on ties), else on top of the highest live block. It cannot grow a
+    block in place, so a growing block takes its whole size from its start. No size classes,
+    no rounding, no segments: the baseline a planner must beat with foresight.
+
+    >>> simulate_best_fit([Block(id="a", size=4, start=0, end=2), Block(id="b", size=2,
+    ...                    start=0, end=3), Block(id="c", size=3, start=2, end=3)]).offsets
+    {'a': 0, 'b': 4, 'c': 0}
+    """
+    began = time.perf_counter()
+    blocks = list(blocks)
+    check_unique_ids(blocks)
+    offsets: dict[BlockId, int] = {b.id: 0 for b in blocks}
+    events = sorted((step, kind, i) for i, b in enumerate(blocks) if not b.is_trivial
+                    for step, kind in ((b.start, 1), (b.end, 0)))
+    live: list[tuple[int, int, int]] = []  # (offset, bytes, index), by offset
+    for _, kind, i in events:
+        b = blocks[i]
+        if kind == 0:
+            live.remove((offsets[b.id], b.top, i))
+            continue
+        best: tuple[int, int] | None = None  # (gap bytes, offset)
+        at = 0
+        for offset, nbytes, _ in live:
+            if offset - at >= b.top and (best is None or offset - at < best[0]):
+                best = (offset - at, at)
+            at = max(at, offset + nbytes)
+        offsets[b.id] = at if best is None else best[1]
+        live.append((offsets[b.id], b.top, i))
+        live.sort()
+    peak = peak_of(blocks, offsets)
+    bound = lower_bound(blocks)
+    return Placement(offsets=offsets, peak=peak, lower_bound=bound, method="best-fit",
+                     status="feasible", gap=(peak - bound) / peak if peak else 0.0,
+                     seconds=time.perf_counter() - began)

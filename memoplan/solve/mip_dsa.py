@@ -12,16 +12,23 @@ doc, sizes S_i and offsets A_i in units of ``unit`` bytes):
 
 (Models with many pairs give "j below i" a binary of its own; see `_add_nooverlap`.)
 
-U is the peak of a known valid plan (greedy-by-size, or the caller's warm start if better),
-so big-M = U never cuts off an optimum, and LB is the largest total of simultaneously live
-units. Two reductions keep an optimum (proofs at `_canonical`): blocks that are live at a step
-shared with every other block ("universal") are pinned at the bottom of the arena, stacked in
-input order, and identical blocks (same size, start and end) are ordered by input order.
+U is the peak of a known valid plan (greedy-by-size, or the caller's warm start if better,
+then improved by `dsa.search_orders`), so big-M = U never cuts off an optimum, and LB is
+`dsa.hole_bound`: the largest total of simultaneously live units, plus the holes growing blocks
+leave that nothing else can fill. Two reductions keep an optimum (proofs at `_canonical`):
+blocks that are live at a step shared with every other block ("universal") are pinned at the
+bottom of the arena, stacked in input order, and identical blocks (same size, growth, start and
+end) are ordered by input order.
 
-Status of the result: "optimal" (proved, or the start plan met the lower bound), "feasible"
+The stages, each skipped once the plan meets LB (then it is optimal, and the result's ``note``
+says what was skipped and why): the start plan; the order search (`SEARCH_SHARE` of the time
+limit), which on level 2's traces finds what CBC does not; CBC on the rest of the time.
+
+Status of the result: "optimal" (proved, or the plan met the lower bound), "feasible"
 (time limit hit; ``gap`` says how far the bound is), or "greedy-fallback" (CBC gave nothing
-usable, the start plan is returned). ``method`` is "mip" when the offsets come from CBC, else
-the start plan's method ("greedy" or the warm start's).
+usable, the start plan is returned). ``method`` is "mip" when the offsets come from CBC,
+"search" when from the order search, else the start plan's method ("greedy" or the warm
+start's). ``stages`` gives the peak after each stage that ran.
 """
 
 from __future__ import annotations
@@ -49,11 +56,14 @@ from memoplan.solve.dsa import (
     BlockId,
     Placement,
     check_unique_ids,
+    first_fit,
     greedy_offsets,
+    hole_bound,
     lower_bound,
-    lowest_fit,
     peak_of,
+    search_orders,
 )
+from memoplan.units import fmt_bytes
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +74,7 @@ SPLIT_BINARY_PAIRS = 8000  # more overlapping pairs than this: two binaries per 
 # evaluation, which take seconds on models with 100k binaries: it gets this share of the
 # time left, the rest covers its overrun.
 CBC_SHARE = 0.8
+SEARCH_SHARE = 0.5  # of the time limit, for the order search before CBC
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -72,7 +83,7 @@ class _Problem:
 
     blocks: list[Block]  # sizes in units, input order, same ids as the caller's blocks
     unit: int  # bytes per unit
-    bound: int  # units: lower bound on the peak (live units, and the largest block)
+    bound: int  # units: lower bound on the peak (hole_bound, and the largest block)
     universal: list[int]  # indices of blocks live at a step shared with every other block
     groups: list[list[int]]  # indices of identical non-universal blocks, 2 or more each
     names: dict[BlockId, str]  # block id -> its unique name in the model
@@ -99,24 +110,26 @@ def solve_mip(
     warm_start: Placement | None = None,
     unit: int | None = None,
     on_progress: ProgressFn | None = None,
+    search: bool = True,
 ) -> Placement:
-    """Place blocks with the least peak the MIP finds within `time_limit` seconds.
+    """Place blocks with the least peak found within `time_limit` seconds.
 
     `unit` (bytes) is the granularity of offsets: by default the gcd of the sizes; a larger
     one (an alignment) rounds sizes up to whole units. `warm_start` is a valid plan for the
     blocks (in bytes; realigned to the unit when it is off the grid); the better of it and
-    greedy-by-size starts the search.
-    `on_progress(best_peak_bytes, bound_bytes)` is called before and after the search, not
-    during it: CBC's own progress callback (python-mip's ``store_search_progress_log``) crashes
-    this CBC build with SIGSEGV. Never returns a plan worse than greedy-by-size on the same
-    units. Building the model counts against `time_limit` (a build that outlasts it falls back
-    to the start plan); CBC gets `CBC_SHARE` of what is left, as it overruns its limit.
+    greedy-by-size starts the search (`search=False` skips the order search: CBC alone).
+    `on_progress(best_peak_bytes, bound_bytes)` is called before and after each stage, not
+    during CBC: CBC's own progress callback (python-mip's ``store_search_progress_log``)
+    crashes this CBC build with SIGSEGV. Never returns a plan worse than greedy-by-size on the
+    same units. The order search gets `SEARCH_SHARE` of the limit; building the model counts
+    against the limit (a build that outlasts it falls back to the plan so far); CBC gets
+    `CBC_SHARE` of what is left, as it overruns its limit.
 
     >>> from memoplan.solve.dsa import Block
     >>> plan = solve_mip([Block(id="a", size=512, start=0, end=2),
     ...                   Block(id="b", size=1024, start=1, end=3)], time_limit=5)
-    >>> plan.peak, plan.status
-    (1536, 'optimal')
+    >>> plan.peak, plan.status, plan.note
+    (1536, 'optimal', 'greedy meets the lower bound (1.50 KiB): no search, no MIP')
     """
     began = time.perf_counter()
     blocks = list(blocks)
@@ -124,25 +137,66 @@ def solve_mip(
     _check_options(time_limit, unit)
     problem = _problem(blocks, unit or _gcd_unit(blocks))
     start = _start_plan(problem, blocks, warm_start)
-    if on_progress is not None:
-        on_progress(_peak_bytes(blocks, start.offsets, problem.unit), problem.bound * problem.unit)
+    stages = [_stage("start", blocks, problem, start, began)]
+
+    def report(plan: _Start) -> None:
+        if on_progress is not None:
+            on_progress(_peak_bytes(blocks, plan.offsets, problem.unit),
+                        problem.bound * problem.unit)
+
+    report(start)
     if start.peak <= problem.bound:
-        return _placement(blocks, problem, start.offsets, start.method, "optimal", 0.0, began)
+        return _placement(blocks, problem, start.offsets, start.method, "optimal", 0.0, began,
+                          note=f"{start.method} meets {_bound_text(problem)}: no search, no MIP",
+                          stages=stages)
+    if search:
+        start = _searched(problem, start, deadline=began + SEARCH_SHARE * time_limit)
+        stages.append(_stage("search", blocks, problem, start, began))
+        report(start)
+        if start.peak <= problem.bound:
+            return _placement(blocks, problem, start.offsets, start.method, "optimal", 0.0,
+                              began, note=f"the order search meets {_bound_text(problem)}: no MIP",
+                              stages=stages)
     if mip is None:
-        log.warning("solve_mip: python-mip cannot be imported (%s); keeping the start plan",
+        log.warning("solve_mip: python-mip cannot be imported (%s); keeping the plan so far",
                     MIP_MISSING)
-        return _fallback(blocks, problem, start, began)
+        return _fallback(blocks, problem, start, began, stages,
+                         "python-mip cannot be imported: plan so far kept, no MIP")
     built = _build_model(problem, start, deadline=began + time_limit)
     remaining = began + time_limit - time.perf_counter()
     if built is None or remaining <= 0:
         log.warning("solve_mip: building the model used the whole %.1f s limit", time_limit)
-        return _fallback(blocks, problem, start, began)
+        return _fallback(blocks, problem, start, began, stages,
+                         "building the MIP used the whole time limit: plan so far kept")
     model, offsets = built
     status = model.optimize(max_seconds=CBC_SHARE * remaining)
-    placement, bound = _read_result(blocks, problem, start, model, status, offsets, began)
+    placement, bound = _read_result(blocks, problem, start, model, status, offsets, began,
+                                    stages)
     if on_progress is not None:
         on_progress(placement.peak, bound * problem.unit)
     return placement
+
+
+def _bound_text(problem: _Problem) -> str:
+    """The bound the plan met, in words, for a placement's note."""
+    return f"the lower bound ({fmt_bytes(problem.bound * problem.unit)})"
+
+
+def _stage(name: str, blocks: list[Block], problem: _Problem, plan: _Start,
+           began: float) -> tuple[str, int, float]:
+    """(stage, peak in bytes, seconds since `began`) for `Placement.stages`."""
+    return name, _peak_bytes(blocks, plan.offsets, problem.unit), time.perf_counter() - began
+
+
+def _searched(problem: _Problem, start: _Start, *, deadline: float) -> _Start:
+    """The start plan improved by `dsa.search_orders`, in canonical form; the start plan
+    itself (same method) when the search finds nothing lower."""
+    found = _canonical(problem, search_orders(problem.blocks, start.offsets,
+                                              target=problem.bound, deadline=deadline))
+    peak = peak_of(problem.blocks, found)
+    if peak >= start.peak:
+        return start
+    return _Start(offsets=found, peak=peak, method="search")
 
 
 def _check_options(time_limit: float, unit: int | None) -> None:
@@ -154,8 +208,8 @@ def _check_options(time_limit: float, unit: int | None) -> None:
 
 
 def _gcd_unit(blocks: Sequence[Block]) -> int:
-    """Largest unit that divides every size (1 when there are no non-zero sizes)."""
-    return reduce(math.gcd, (b.size for b in blocks if b.size), 0) or 1
+    """Largest unit that divides every size and growth (1 when all are 0)."""
+    return reduce(math.gcd, (n for b in blocks for n in (b.size, b.grow) if n), 0) or 1
 
 
 def _problem(blocks: list[Block], unit: int) -> _Problem:
@@ -165,15 +219,17 @@ def _problem(blocks: list[Block], unit: int) -> _Problem:
               grow=-(-b.grow // unit), grow_at=b.grow_at) for b in blocks
     ]
     active = [i for i, b in enumerate(scaled) if not b.is_trivial]
-    universal = [i for i in _universal(scaled, active) if not scaled[i].grow]
+    grow_steps = [b.grow_at for b in scaled if b.grow and not b.is_trivial]
+    universal = [i for i in _universal(scaled, active)  # live when every block grows: not
+                 if not scaled[i].grow and scaled[i].end > max(grow_steps, default=-1)]  # in a hole
     pinned = set(universal)
-    by_key: dict[tuple[int, int, int], list[int]] = {}
+    by_key: dict[tuple[int, ...], list[int]] = {}
     for i in active:
-        if i not in pinned and not scaled[i].grow:
+        if i not in pinned:
             b = scaled[i]
-            by_key.setdefault((b.size, b.start, b.end), []).append(i)
+            by_key.setdefault((b.size, b.grow, b.grow_at, b.start, b.end), []).append(i)
     groups = [members for members in by_key.values() if len(members) > 1]
-    bound = max([lower_bound(scaled)] + [b.top for b in scaled])  # every block fits under M
+    bound = max([hole_bound(scaled)] + [b.top for b in scaled])  # every block fits under M
     return _Problem(
         blocks=scaled,
         unit=unit,
@@ -234,20 +290,7 @@ def _warm_offsets(
         in_units = {block_id: offset // unit for block_id, offset in offsets.items()}
         if _first_clash(problem.blocks, in_units) is None:
             return in_units
-    return _first_fit_in_order(problem.blocks, sorted(blocks, key=lambda b: offsets[b.id]))
-
-
-def _first_fit_in_order(unit_blocks: list[Block], order: list[Block]) -> dict[BlockId, int]:
-    """Place blocks first-fit (lowest offset that fits) in the given order, in units."""
-    by_id = {b.id: b for b in unit_blocks}
-    placed: list[Block] = []
-    offsets: dict[BlockId, int] = {}
-    for block in order:
-        unit_block = by_id[block.id]
-        offsets[block.id] = lowest_fit(unit_block, placed, offsets)
-        if not unit_block.is_trivial:
-            placed.append(unit_block)
-    return offsets
+    return first_fit(problem.blocks, sorted(blocks, key=lambda b: offsets[b.id]))
 
 
 def _first_clash(blocks: list[Block], offsets: dict[BlockId, int]) -> tuple | None:
@@ -270,11 +313,13 @@ def _canonical(problem: _Problem, offsets: dict[BlockId, int]) -> dict[BlockId, 
 
     1. Universal blocks to the bottom, stacked in input order; every other block p moves to
        floor + A_p - (units of universal blocks below p). Valid: each universal block u is live
-       together with every p, so p lies wholly below or above u; for p below q (both live at a
-       common step) the gap between them only loses the universal blocks that sat inside it, and
-       A_p + S_p + (universal units above p) <= M keeps the peak.
+       together with every p, so p lies wholly below or above u (a growing p too, grown: only
+       blocks still live when every growing block grows are pinned, so none sits in a hole);
+       for p below q (both live at a common step) the gap between them only loses the universal
+       blocks that sat inside it, and A_p + S_p + (universal units above p) <= M keeps the peak.
     2. Identical blocks: hand the group's offsets, sorted, to its members in input order.
-       Swapping identical blocks' offsets never changes which bytes are used at which step.
+       Swapping identical blocks' offsets never changes which bytes are used at which step
+       (growing ones included: they grow at the same step).
     Trivial blocks (size 0 or empty lifetime) go to offset 0.
     """
     blocks = problem.blocks
@@ -458,12 +503,13 @@ def _add_pair(
 
 
 def _add_symmetry(model: mip.Model, problem: _Problem, offsets: dict[BlockId, mip.Var]) -> None:
-    """sym[i,j]: A_i + S_i <= A_j for consecutive identical blocks i, j (input order)."""
+    """sym[i,j]: A_i + S_i <= A_j for consecutive identical blocks i, j (input order); S_i is
+    what i holds once grown (identical blocks are live together when they grow)."""
     for members in problem.groups:
         for i, j in zip(members, members[1:]):
             a, b = problem.blocks[i], problem.blocks[j]
             model.add_constr(
-                mip.LinExpr([offsets[a.id], offsets[b.id]], [1, -1]) <= -a.size,
+                mip.LinExpr([offsets[a.id], offsets[b.id]], [1, -1]) <= -a.reach(b),
                 name=f"sym[{problem.names[a.id]},{problem.names[b.id]}]",
             )
 
@@ -492,6 +538,7 @@ def _read_result(
     status: mip.OptimizationStatus,
     offsets: dict[BlockId, mip.Var],
     began: float,
+    stages: list[tuple[str, int, float]],
 ) -> tuple[Placement, int]:
     """The better of CBC's plan and the start plan, and the bound on the peak (units).
 
@@ -499,13 +546,16 @@ def _read_result(
     """
     if status not in (mip.OptimizationStatus.OPTIMAL, mip.OptimizationStatus.FEASIBLE):
         log.warning("solve_mip: CBC ended with %s and no plan; keeping the start plan", status)
-        return _fallback(blocks, problem, start, began), problem.bound
+        return _fallback(blocks, problem, start, began, stages,
+                         f"CBC ended with {status.name} and no plan: plan so far kept"
+                         ), problem.bound
     found = dict(start.offsets)
     found.update({block_id: round(var.x) for block_id, var in offsets.items()})
     clash = _first_clash(problem.blocks, found)
     if clash is not None or min(found.values(), default=0) < 0:
         log.warning("solve_mip: CBC's plan is invalid (clash %s); keeping the start plan", clash)
-        return _fallback(blocks, problem, start, began), problem.bound
+        return _fallback(blocks, problem, start, began, stages,
+                         "CBC's plan was invalid: plan so far kept"), problem.bound
     found_peak = peak_of(problem.blocks, found)
     best, best_peak, method = start.offsets, start.peak, start.method
     if found_peak < start.peak:
@@ -516,13 +566,21 @@ def _read_result(
     bound = min(bound, best_peak)
     gap = (best_peak - bound) / best_peak
     status_text = "optimal" if gap == 0 else "feasible"
-    return _placement(blocks, problem, best, method, status_text, gap, began), bound
+    stages = stages + [_stage("mip", blocks, problem,
+                              _Start(offsets=best, peak=best_peak, method=method), began)]
+    note = (f"CBC {'proved' if gap == 0 else 'ran out of time at'} "
+            f"{'the optimum' if gap == 0 else f'a gap of {gap:.2%} to its bound'}; "
+            f"{'it lowered the peak' if method == 'mip' else 'it found no lower peak'}")
+    return _placement(blocks, problem, best, method, status_text, gap, began, note=note,
+                      stages=stages), bound
 
 
-def _fallback(blocks: list[Block], problem: _Problem, start: _Start, began: float) -> Placement:
+def _fallback(blocks: list[Block], problem: _Problem, start: _Start, began: float,
+              stages: list[tuple[str, int, float]], note: str) -> Placement:
     """The start plan, marked "greedy-fallback", with its gap to the lower bound."""
     gap = (start.peak - problem.bound) / start.peak
-    return _placement(blocks, problem, start.offsets, start.method, "greedy-fallback", gap, began)
+    return _placement(blocks, problem, start.offsets, start.method, "greedy-fallback", gap, began,
+                      note=note, stages=stages)
 
 
 def _peak_bytes(blocks: list[Block], offsets: dict[BlockId, int], unit: int) -> int:
@@ -538,6 +596,9 @@ def _placement(
     status: str,
     gap: float,
     began: float,
+    *,
+    note: str,
+    stages: Sequence[tuple[str, int, float]],
 ) -> Placement:
     """A Placement in bytes from offsets in units."""
     return Placement(
@@ -548,4 +609,6 @@ def _placement(
         status=status,
         gap=gap,
         seconds=time.perf_counter() - began,
+        note=note,
+        stages=tuple(stages),
     )

@@ -63,8 +63,8 @@ def solve_plan(profile: Profile, cfg: SolveConfig, *,
     if MIP_MISSING:
         optimal = all(s == "optimal" for s in statuses.values())
         notes.append(f"python-mip could not be imported ({MIP_MISSING}): addresses come from "
-                     f"greedy-by-size, checked" + (" (and at the lower bound here)" if optimal
-                                                   else " but not optimised")
+                     f"greedy-by-size and the order search, checked"
+                     + (" (and at the lower bound here)" if optimal else ", without the MIP")
                      + ". Install python-mip for the MIP.")
     if auto:
         n_keep = sum(l.mode == "keep" for l in decision.layers)
@@ -94,7 +94,7 @@ def solve_plan(profile: Profile, cfg: SolveConfig, *,
         layers=decision.layers, arena_bytes=it.peak, lower_bound_bytes=it.lower_bound,
         state_bytes=states, pool_bytes=pool, levels={"forward": fwd, "backward": bwd, "iteration": it},
         predicted=predicted,
-        solver={"backend": "greedy (no python-mip)" if MIP_MISSING else "python-mip/CBC",
+        solver={"backend": "greedy + order search (no python-mip)" if MIP_MISSING else "python-mip/CBC",
                 "status": statuses,
                 "gap": {"forward": fwd.gap, "backward": bwd.gap, "iteration": it.gap},
                 "seconds": fwd.seconds + bwd.seconds + it.seconds,
