@@ -80,11 +80,17 @@ def naive_offload_hooks(device: torch.device):
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             host = t.to("cpu", non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
         t.record_stream(stream)
-        return ("host", host)
+        return ("host", host, done)
 
     def unpack(p):
-        return p[1].to(device, non_blocking=True) if isinstance(p, tuple) else p
+        if not isinstance(p, tuple):
+            return p
+        if len(p) == 3:  # the copy back must not start before the copy out has landed
+            torch.cuda.current_stream().wait_event(p[2])
+        return p[1].to(device, non_blocking=True)
 
     return torch.autograd.graph.saved_tensors_hooks(pack, unpack)
 

@@ -164,6 +164,8 @@ class ModelInfo:
     dtype: str
     hidden_size: int | None = None
     head_bytes_per_token: float = 0.0   # held outside the layers up to the head phase (trace.head)
+    head_bytes_fixed: float = 0.0       # and a part that does not grow with the tokens (a loss
+    #                                     computed in chunks); older profiles: 0
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -778,3 +778,18 @@ def _example(name: str):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+def test_a_replaced_arena_is_let_go(fresh):
+    """Each apply() hands the allocator a new arena; the one it replaces (none of its planned
+    tensors alive, or the switch is refused) must not be kept for the life of the process: on a
+    GPU that is a whole arena (tens of GiB) per apply."""
+    first = torch.empty(8192, dtype=torch.uint8)
+    gone = weakref.ref(first)
+    assert fresh.set_arena(first.data_ptr(), 8192, keep=first)
+    second = torch.empty(8192, dtype=torch.uint8)
+    assert fresh.set_arena(second.data_ptr(), 8192, keep=second)
+    del first
+    assert gone() is None
+    assert len(fresh.arenas) == 1 and fresh.arenas[0] is second  # the one in use stays
+

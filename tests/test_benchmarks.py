@@ -90,6 +90,22 @@ def test_gpu_correctness_script_smoke_on_cpu(tmp_path):
     assert _table((tmp_path / "c.md").read_text(), "model") == rows
 
 
+def test_gpu_correctness_fails_wrong_half_precision_gradients():
+    """The 7B stack on the GPU runs in bf16 only: a stale prefetch (finite, wrong gradients, in
+    buffers the caching allocator does not poison) must fail the check, not print a row."""
+    spec = importlib.util.spec_from_file_location("gpu_correctness",
+                                                  ROOT / "benchmarks" / "gpu_correctness.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    ok = {"grad_diff": 4e-3, "plain_spread": 2e-3, "loss_diff": 1e-4, "nan": 0}
+    assert not mod.bad(ok, "bfloat16")
+    assert mod.bad({**ok, "grad_diff": 0.5}, "bfloat16")      # stale data
+    assert mod.bad({**ok, "loss_diff": 0.1}, "bfloat16")
+    assert mod.bad({**ok, "nan": 3}, "bfloat16")
+    assert not mod.bad({**ok, "grad_diff": 5e-6}, "float32")
+    assert mod.bad({**ok, "grad_diff": 4e-3}, "float32")
+
+
 def test_phase_timing_smoke_on_cpu(tmp_path):
     out = _run("benchmarks/phase_timing.py", "--device", "cpu", "--seq", "256", "--alpha", "0.5",
                "--time-limit", "2", "--trace", str(tmp_path / "t.json"),

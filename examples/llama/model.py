@@ -17,6 +17,12 @@ Profile it with::
 
 The preset is read from the environment variable ``MEMOPLAN_PRESET`` (default "tiny")
 each time ``build_model()`` or ``example_inputs()`` is called, not at import time.
+
+``loss_fn(logits)`` is next-token cross entropy computed a chunk of tokens at a time, as
+long-context training does: a plain ``F.cross_entropy(logits.float(), ...)`` holds several
+float32 copies of the logits at once (at 128K tokens per GPU and a 32000-token vocabulary, each
+is 16 GiB), this holds the logits, their gradient and one chunk. The labels stand in for the
+shifted tokens: random tokens from a fixed seed, so every run (and every rank) sees the same.
 """
 
 import dataclasses
@@ -44,7 +50,7 @@ class Config:
 
 PRESETS = {
     "tiny": Config(vocab_size=256, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=176,
-                   n_layers=4, max_seq_len=4096, dtype=torch.float32),
+                   n_layers=4, max_seq_len=1 << 20, dtype=torch.float32),
     "7b": Config(vocab_size=32000, dim=4096, n_heads=32, n_kv_heads=32, ffn_dim=11008,
                  n_layers=32, max_seq_len=1 << 20, dtype=torch.bfloat16),
     "70b": Config(vocab_size=128256, dim=8192, n_heads=64, n_kv_heads=8, ffn_dim=28672,
@@ -229,6 +235,51 @@ def build_model() -> nn.Module:
         model = model.to(cfg.dtype).to_empty(device="cpu")
     init_weights(model)
     return model.train()
+
+
+LOSS_CHUNK = 4096  # tokens per chunk of the cross entropy (float32: 4096 x vocab x 4 bytes)
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """Mean cross entropy of ``logits`` (N, V) against ``labels`` (N,), in float32, ``chunk``
+    rows at a time: forward keeps each row's log-sum-exp (N floats), backward rebuilds the
+    softmax a chunk at a time and writes the gradient in the logits' dtype. Equal to
+    ``F.cross_entropy(logits.float(), labels)`` and its gradient (cast to the logits' dtype)."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, chunk):
+        n = logits.shape[0]
+        lse = torch.empty(n, dtype=torch.float32, device=logits.device)
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for i in range(0, n, chunk):
+            part = logits[i:i + chunk].float()
+            lse[i:i + chunk] = torch.logsumexp(part, dim=-1)
+            picked = part.gather(1, labels[i:i + chunk, None]).squeeze(1)
+            total = total + (lse[i:i + chunk] - picked).sum()
+        ctx.save_for_backward(logits, labels, lse)
+        ctx.chunk = chunk
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, labels, lse = ctx.saved_tensors
+        n, chunk = logits.shape[0], ctx.chunk
+        out = torch.empty_like(logits)
+        for i in range(0, n, chunk):
+            p = torch.exp(logits[i:i + chunk].float() - lse[i:i + chunk, None])
+            p.scatter_add_(1, labels[i:i + chunk, None],
+                           torch.full_like(p[:, :1], -1.0))  # softmax - one-hot
+            out[i:i + chunk] = (p * (grad / n)).to(out.dtype)
+        return out, None, None
+
+
+def loss_fn(logits):
+    """Next-token cross entropy in chunks (module docstring); labels from a fixed seed."""
+    vocab = logits.shape[-1]
+    flat = logits.reshape(-1, vocab)
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(vocab, (flat.shape[0],), generator=g).to(logits.device)
+    return ChunkedCrossEntropy.apply(flat, labels, LOSS_CHUNK)
 
 
 def example_inputs(seq_len: int):

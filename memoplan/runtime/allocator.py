@@ -226,7 +226,7 @@ class PlanAllocator:
         lib.mp_pool_reserved_high.restype = i64
         self.device: int | None = None  # the arena's device: the only one the plan places on
         self.missed = 0  # planned requests that phases never saw
-        self.arenas: list = []  # arena buffers handed to the allocator: kept for the process
+        self.arenas: list = []  # the arena buffer in use, kept until another replaces it
 
     def address(self, name: str) -> int:
         """The address of the library's function ``name`` (for PyTorch's hooks)."""
@@ -236,8 +236,11 @@ class PlanAllocator:
                   device: int | None = None) -> bool:
         """Use ``nbytes`` at ``ptr`` on ``device`` (default: that of ``keep``, a tensor; else 0)
         as the arena; False (refused) while another arena still holds planned tensors, or (with
-        a warning) for a device other than the first arena's. ``keep`` (the buffer) is held for
-        the life of the process: a planned tensor may outlive the model whose arena it is in."""
+        a warning) for a device other than the first arena's. ``keep`` (the buffer) is held
+        until another arena replaces it, even past its model: a planned tensor may outlive the
+        model whose arena it is in. A replaced one is let go: the switch is accepted only when
+        none of its planned tensors is alive (and each apply() would otherwise keep a whole
+        arena of GPU memory for the life of the process)."""
         if device is None:
             on_cuda = isinstance(keep, torch.Tensor) and keep.device.type == "cuda"
             device = keep.device.index if on_cuda else 0
@@ -253,7 +256,7 @@ class PlanAllocator:
             return False
         self.device = device
         if keep is not None:
-            self.arenas.append(keep)
+            self.arenas = [keep]
         return True
 
     def begin(self, stream: int, slots: list[tuple[int, int]], align: int = 512,

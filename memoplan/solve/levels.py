@@ -127,7 +127,8 @@ def level1(profile: Profile, cfg: SolveConfig, phase: str, progress: Progress) -
 
 
 def head_bytes(profile: Profile, cfg: SolveConfig) -> int:
-    return aligned(profile.model.head_bytes_per_token * cfg.tokens_per_gpu, cfg)
+    m = profile.model
+    return aligned(m.head_bytes_per_token * cfg.tokens_per_gpu + m.head_bytes_fixed, cfg)
 
 
 CUBLAS_WORKSPACE = (32 << 20) + (1 << 20)  # cuBLAS (sm90: 4096*8 KiB) + cuBLASLt, per stream

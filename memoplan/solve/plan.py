@@ -17,6 +17,16 @@ from memoplan.solve.swap import SwapDecision, decide_swaps, predict
 from memoplan.units import fmt_bytes
 
 
+def _head_hint(head: int, need: int) -> str:
+    """Advice when the model's head (logits, loss and their gradients) is a large part."""
+    if head < need / 4:
+        return ""
+    return (f" The model's code after the layers (logits, loss and their gradients) holds "
+            f"{fmt_bytes(head)} of it: a loss computed a chunk of tokens at a time holds the "
+            f"logits, their gradient and one chunk (examples/llama/model.py's loss_fn does), "
+            f"and `memoplan profile` measures what it holds.")
+
+
 def solve_plan(profile: Profile, cfg: SolveConfig, *,
                progress: Callable[[str], None] = lambda m: None) -> Plan:
     """Swap fractions, then level-1 and level-2 address plans; raises InfeasibleError when the
@@ -47,7 +57,7 @@ def solve_plan(profile: Profile, cfg: SolveConfig, *,
             f"{fmt_bytes(gpu_mem)} of GPU memory at {cfg.seq} tokens on {cfg.gpus} GPUs (dp "
             f"{cfg.dp} x cp {cfg.cp} x tp {cfg.tp}: {cfg.tokens_per_gpu} tokens per GPU). Use "
             f"more GPUs (--gpus), a shorter --seq, or fewer optimizer bytes per parameter "
-            f"(--state-bytes-per-param)."
+            f"(--state-bytes-per-param)." + _head_hint(head, need)
         )
     base = predict(decision, cfg)
     n = len(decision.layers)

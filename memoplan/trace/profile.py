@@ -146,8 +146,8 @@ def profile_model(cfg: ProfileConfig, *, progress: Callable[[str], None] = lambd
                      f"class with --layer CLASSNAME (or LAYER in the model file)")
     primary = next(n for n, r in main.roles.items() if r == "primary")
     progress("measuring the head phase")
-    head_per_token, head_note = _head_bytes_per_token(mf, model, found.instances, lens[-2:], cast,
-                                                      cfg.device)
+    head_per_token, head_fixed, head_note = _head_bytes_law(mf, model, found.instances, lens[-2:],
+                                                            cast, cfg.device)
     if head_note:
         notes.append(head_note)
     model_info = ModelInfo(
@@ -157,7 +157,7 @@ def profile_model(cfg: ProfileConfig, *, progress: Callable[[str], None] = lambd
         param_bytes_total=_state_bytes(model),
         dtype=str(next(layer.parameters()).dtype).removeprefix("torch."),
         hidden_size=int(main.values[primary].shape[-1]),
-        head_bytes_per_token=head_per_token)
+        head_bytes_per_token=head_per_token, head_bytes_fixed=head_fixed)
     layer_profile = LayerProfile(
         saved=tuple(saved), tensors=tuple(tensors),
         requests_forward=tuple(req_fwd), requests_backward=tuple(req_bwd),
@@ -265,27 +265,66 @@ def _graph_nodes(trace: LayerTrace, classes: dict[str, str],
     return tuple(nodes)
 
 
-def _head_bytes_per_token(mf, model: torch.nn.Module, layers: tuple[torch.nn.Module, ...],
-                          lens: tuple[int, ...], cast: Any,
-                          device: str) -> tuple[float, str | None]:
-    """Bytes per token the model's code outside the layers holds (inputs, embedding, and after
-    the last layer the final norm, head, loss and their gradients), measured on fake tensors at
-    two lengths (``trace.head``); the larger
-    per-token figure of the two, so a constant part is covered at the profiled lengths. Where
-    the model cannot run on fake tensors, an estimate from the widest Linear outside the layers
-    (logits, their fp32 copy for the loss and their gradient), with a note saying so."""
+HEAD_LENGTHS = (16384, 65536, 1 << 20)  # tokens per GPU: the head phase is also measured here
+
+
+def _head_bytes_law(mf, model: torch.nn.Module, layers: tuple[torch.nn.Module, ...],
+                    lens: tuple[int, ...], cast: Any,
+                    device: str) -> tuple[float, float, str | None]:
+    """The bytes the model's code outside the layers holds (inputs, embedding, and after the
+    last layer the final norm, head, loss and their gradients) as ``per_token * S + fixed``,
+    measured on fake tensors (``trace.head``, no memory, no compute) at the profiled lengths
+    and at `HEAD_LENGTHS`: a loss computed a chunk at a time holds a chunk's temporaries
+    whatever the length, and only lengths longer than the chunk show it. The peak over the
+    phase is a maximum of sums of per-token and fixed bytes, so it is convex in the length and
+    its slope only grows: the slope is taken between the two longest lengths the model runs at
+    (up to 1M tokens, the longest a GPU holds), and ``fixed`` is what the line must add to
+    cover every measured length; with the largest slope, that covers every length from the
+    shortest measured on. A model that refuses the long lengths (a maximum length) is measured
+    up to the longest it takes. Where the slope grows like the length (an S x S tensor outside
+    the layers, seen on fake tensors only: see the note it gets), the profiled lengths alone,
+    as the largest bytes per token among them. Where the model cannot run on fake tensors, an
+    estimate from the widest Linear outside the layers (logits, their fp32 copy for the loss
+    and their gradient), with a note saying so."""
     try:
         with cast:
-            return max(head_phase_bytes(mf, model, layers, n, device) / n for n in lens), None
+            measured = {n: head_phase_bytes(mf, model, layers, n, device) for n in lens}
     except Exception as e:  # noqa: BLE001  (the model's own code; the estimate still serves)
         inside = {id(m) for layer in layers for m in layer.modules()}
         heads = [m for m in model.modules()
                  if isinstance(m, torch.nn.Linear) and id(m) not in inside]
         head = max(heads, key=lambda m: m.out_features, default=None)
         est = float(head.out_features * (2 * head.weight.element_size() + 4)) if head else 0.0
-        return est, (f"the head phase (after the last layer) could not be measured on fake "
-                     f"tensors ({type(e).__name__}); its memory is estimated from the widest "
-                     f"Linear outside the layers ({est:,.0f} bytes/token)")
+        return est, 0.0, (f"the head phase (after the last layer) could not be measured on "
+                          f"fake tensors ({type(e).__name__}); its memory is estimated from the "
+                          f"widest Linear outside the layers ({est:,.0f} bytes/token)")
+    for n in HEAD_LENGTHS:
+        if n <= max(measured):
+            continue
+        try:
+            with cast:
+                measured[n] = head_phase_bytes(mf, model, layers, n, device)
+        except Exception:  # noqa: BLE001  (longer than the model takes: the profiled lengths)
+            break
+    points = sorted(measured.items())
+    slopes = [(b1 - b0) / (n1 - n0) for (n0, b0), (n1, b1) in zip(points, points[1:])]
+    long = [s for (n, _), s in zip(points[1:], slopes) if n > max(lens)]
+    if any(later > 1.5 * earlier + 1 for earlier, later in zip(long, long[1:])):
+        # more than linear in the tokens (a maximum of lines, as a chunked loss gives, grows
+        # its slope a little; an S x S tensor in proportion to the length): on fake tensors
+        # transformers cannot read position ids and builds an S x S mask it skips on real ones;
+        # budget the profiled lengths
+        short = {n: nbytes for n, nbytes in measured.items() if n in lens}
+        per_token = max(nbytes / n for n, nbytes in short.items())
+        (n0, b0), (n1, b1) = points[0], points[-1]
+        return per_token, 0.0, (
+            f"the head phase grows faster than the tokens on fake tensors ({b0 / n0:,.0f} "
+            f"bytes/token at {n0}, {b1 / n1:,.0f} at {n1}), as when transformers builds an S x S "
+            f"mask it skips on real tensors: budgeted at {per_token:,.0f} bytes/token, from the "
+            f"profiled lengths")
+    per_token = max(0.0, slopes[-1])
+    fixed = max(0.0, max(nbytes - per_token * n for n, nbytes in points))
+    return per_token, fixed, None
 
 
 def _producer(node: torch.fx.Node) -> str:
