@@ -35,3 +35,16 @@ def cli(tmp_path: Path):
         return runner.invoke(app, [str(a) for a in args])
 
     return run
+
+
+def markdown_table(text: str, first: str) -> list[dict[str, str]]:
+    """The markdown table of ``text`` whose first header cell is ``first``, as dicts."""
+    lines = text.splitlines()
+    start = next(i for i, l in enumerate(lines) if l.startswith(f"| {first} |"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(header, (c.strip() for c in line.strip("|").split("|")))))
+    return rows

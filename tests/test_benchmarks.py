@@ -13,6 +13,7 @@ import sys
 import pytest
 
 from conftest import ROOT
+from conftest import markdown_table as _table
 
 
 def _run(*args: str, env: dict | None = None) -> str:
@@ -21,19 +22,6 @@ def _run(*args: str, env: dict | None = None) -> str:
     assert done.returncode == 0, done.stderr[-2000:]
     assert "still referenced" not in done.stderr  # runtime_bench freed memoplan's runtime
     return done.stdout
-
-
-def _table(text: str, first: str) -> list[dict[str, str]]:
-    """The markdown table of ``text`` whose first header cell is ``first``, as dicts."""
-    lines = text.splitlines()
-    start = next(i for i, l in enumerate(lines) if l.startswith(f"| {first} |"))
-    header = [c.strip() for c in lines[start].strip("|").split("|")]
-    rows = []
-    for line in lines[start + 2:]:
-        if not line.startswith("|"):
-            break
-        rows.append(dict(zip(header, (c.strip() for c in line.strip("|").split("|")))))
-    return rows
 
 
 

@@ -9,19 +9,11 @@ import subprocess
 import sys
 import time
 
-from conftest import ROOT
+from conftest import ROOT, markdown_table
 
 
 def _rows(text: str) -> list[dict[str, str]]:
-    lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("| profile |"))
-    header = [c.strip() for c in lines[start].strip("|").split("|")]
-    rows = []
-    for line in lines[start + 2:]:
-        if not line.startswith("|"):
-            break
-        rows.append(dict(zip(header, (c.strip() for c in line.strip("|").split("|")))))
-    return rows
+    return markdown_table(text, "profile")
 
 
 def _mib(cell: str) -> float | None:
