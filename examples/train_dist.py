@@ -8,12 +8,15 @@
 Every rank builds the model, applies the plan (three lines), shards it with ``fully_shard``
 (every repeated layer, then the root) over all ranks, and trains on one sequence of ``--seq``
 tokens per ``dp`` group, split over the ``--cp`` ranks of its context-parallel group in the
-load-balanced order (rank r of cp holds chunks r and 2cp-1-r of 2cp). The model's forward
-must take the tokens' positions as its second argument under cp > 1 (``examples/llama`` does).
+load-balanced order (rank r of cp holds chunks r and 2cp-1-r of 2cp; chunk r of cp in order for
+a plan solved without load balancing). The model's forward must take the tokens' positions as
+its second argument under cp > 1 (``examples/llama`` does).
 With ``--compare`` it also trains the same FSDP2(+CP) setup without memoplan and prints the
-largest gradient difference. On a CPU, attention over the ring runs through torch's own ring
-engine (``memoplan.testing.ring_sdpa``; ``context_parallel``'s dispatcher has no CPU strategy);
-on a GPU the reference uses ``context_parallel``.
+largest gradient difference. That reference runs attention over the cp ranks through torch's
+own ring engine (``memoplan.testing.ring_sdpa``: CPU flash attention on a CPU, CUDA flash or
+memory-efficient attention on a GPU), on the tokens each rank already holds and with the plan's
+load balancing: what ``context_parallel`` runs, without its sharding of the inputs (which here
+are split already) and with no CPU strategy needed (see ``reference_attention``).
 """
 
 from __future__ import annotations
@@ -34,6 +37,38 @@ def head_tail(seq: int, cp: int, rank: int) -> torch.Tensor:
     """Positions of the tokens that cp rank ``rank`` holds (load-balanced order)."""
     chunks = torch.arange(seq).view(2 * cp, seq // (2 * cp))
     return torch.cat([chunks[rank], chunks[2 * cp - 1 - rank]])
+
+
+def local_positions(seq: int, cp: int, rank: int, load_balance: bool = True) -> torch.Tensor:
+    """Positions of the tokens that cp rank ``rank`` holds: head-tail under load balancing (the
+    plan's default), else its chunk of ``cp`` in order."""
+    if cp == 1:
+        return torch.arange(seq)
+    if load_balance:
+        return head_tail(seq, cp, rank)
+    return torch.arange(seq).view(cp, seq // cp)[rank]
+
+
+def reference_attention(device: str, cp_mesh, load_balance: bool = True
+                        ) -> contextlib.AbstractContextManager:
+    """How the model without memoplan runs attention over the cp ranks (``cp_mesh``: their
+    DeviceMesh, or None without context parallelism), on ``device`` ("cpu" or "cuda").
+
+    The same on every device: ``F.scaled_dot_product_attention`` replaced by
+    ``memoplan.testing.ring_sdpa`` over the cp group, which runs torch's ring engine around the
+    kernel SDPA would pick for the tensors (CPU flash; CUDA flash for bf16/fp16, memory-efficient
+    for fp32), with ``load_balance`` as the plan's. Not ``context_parallel(mesh)``: without
+    ``buffers`` torch 2.11-2.13 fails on entry (``buffers[0]``: IndexError), and with them it
+    would shard the inputs again, which each rank already holds in the plan's order."""
+    if device not in ("cpu", "cuda"):
+        raise SystemExit(f"--device {device}: the reference runs on cpu or cuda")
+    if cp_mesh is None or cp_mesh.size() == 1:
+        return contextlib.nullcontext()
+    from unittest import mock
+
+    from memoplan.testing import ring_sdpa
+    return mock.patch("torch.nn.functional.scaled_dot_product_attention",
+                      ring_sdpa(cp_mesh.get_group(), load_balance=load_balance))
 
 
 def main() -> None:
@@ -84,30 +119,20 @@ def main() -> None:
         return model
 
     models = [build(True)] + ([build(False)] if args.compare else [])
-
-    def reference_attention() -> contextlib.AbstractContextManager:
-        """How the model without memoplan runs attention over the cp ranks."""
-        if args.cp == 1:
-            return contextlib.nullcontext()
-        if args.device == "cuda":
-            from torch.distributed.tensor.experimental import context_parallel
-            return context_parallel(mesh["cp"])
-        from unittest import mock
-
-        from memoplan.testing import ring_sdpa
-        return mock.patch("torch.nn.functional.scaled_dot_product_attention",
-                          ring_sdpa(mesh["cp"].get_group()))
+    balanced = bool(plan.config.get("load_balance", True))  # as memoplan's ring runs the plan
+    cp_mesh = mesh["cp"] if args.cp > 1 else None
 
     for step in range(args.steps):
         # one sequence per dp group (the example's tokens, shifted per step and group)
         tokens = mod.example_inputs(args.seq)[0].roll(7 * step + 3 * dp_rank, dims=1)
-        mine = head_tail(args.seq, args.cp, cp_rank) if args.cp > 1 else torch.arange(args.seq)
+        mine = local_positions(args.seq, args.cp, cp_rank, balanced)
         inputs = (tokens[:, mine].to(args.device),) + ((mine.to(args.device),)
                                                          if args.cp > 1 else ())
         losses, grads = [], []
         for i, model in enumerate(models):
             model.zero_grad()
-            with reference_attention() if i else contextlib.nullcontext():
+            with reference_attention(args.device, cp_mesh, balanced) if i \
+                    else contextlib.nullcontext():
                 loss = loss_fn(model(*inputs))
             loss.backward()
             losses.append(loss.item())

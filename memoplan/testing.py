@@ -13,6 +13,10 @@ overwritten while it waited for backward, gives wrong gradients.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
 import torch
 
 _LOW = (torch.bfloat16, torch.float16)
@@ -135,55 +139,134 @@ def _register_flops() -> None:
 _register_flops()
 
 
+_RING_SEQ = 2  # (batch, heads, tokens, head_dim)
+
+
+def _ring_kernel(q: torch.Tensor) -> str:
+    """The attention kernel ``ring_sdpa`` runs on each ring step for ``q``, the one
+    ``F.scaled_dot_product_attention`` (and so ``context_parallel``) would pick: "cpu" (CPU
+    flash attention), "flash" (CUDA flash attention: float16 and bfloat16) or "efficient"
+    (CUDA memory-efficient attention: float32)."""
+    if q.device.type == "cpu":
+        return "cpu"
+    if q.device.type == "cuda":
+        return "flash" if q.dtype in _LOW else "efficient"
+    raise RuntimeError(f"ring_sdpa: no ring attention kernel for {q.device.type} tensors "
+                       f"(CPU and CUDA only)")
+
+
+@contextlib.contextmanager
+def _load_balanced(cp: Any, on: bool) -> Iterator[None]:
+    """torch's ring engine with load balancing ``on`` (a module global: restored after)."""
+    saved = cp._cp_options.enable_load_balance
+    cp._cp_options.enable_load_balance = on
+    try:
+        yield
+    finally:
+        cp._cp_options.enable_load_balance = saved
+
+
+def _ring_forward(kernel: str, group: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  scale: float | None) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """(out, logsumexp, what the kernel's backward needs besides q, k, v, out, logsumexp) of
+    causal attention over the ring, as torch's context-parallel dispatcher runs each kernel
+    (``_scaled_dot_product_ring_*_attention`` in ``_context_parallel/_attention.py``)."""
+    from memoplan.runtime.ring import engine
+
+    cp, aten = engine(), torch.ops.aten
+    if kernel == "cpu":
+        out, lse = cp._templated_ring_attention(
+            group, _RING_SEQ, aten._scaled_dot_product_flash_attention_for_cpu.default, q, k, v,
+            is_causal=True, scale=scale)[:2]
+        return out, lse, {}
+    if kernel == "flash":
+        # the outputs past (out, logsumexp) are those of the ring's last kernel call, as torch's
+        # dispatcher gets them: cum_seq_q/k (undefined: no varlen), max_q/k, the philox
+        # rng_state and offset (device tensors, unused without dropout), the debug mask
+        out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = cp._templated_ring_attention(
+            group, _RING_SEQ, aten._scaled_dot_product_flash_attention.default, q, k, v,
+            is_causal=True, dropout_p=0.0, return_debug_mask=False, scale=scale)
+        return out, lse, dict(cum_seq_q=cum_q, cum_seq_k=cum_k, max_q=max_q, max_k=max_k,
+                              philox_seed=seed, philox_offset=offset)
+    # efficient attention pads its logsumexp to a multiple of 32 tokens, which the ring's
+    # merge (and, load-balanced, its halving) would broadcast against the output: refused
+    # before any collective (every rank of the ring holds as many tokens)
+    local = q.shape[_RING_SEQ]
+    need = 64 if cp._cp_options.enable_load_balance else 32
+    if local % need:
+        raise RuntimeError(
+            f"ring_sdpa: float32 attention on CUDA runs memory-efficient attention, whose "
+            f"logsumexp is padded to a multiple of 32 tokens; the ring needs a multiple of {need} "
+            f"tokens per rank, this rank holds {local}. Use a length that splits so, or "
+            f"bfloat16/float16 (flash attention)")
+    out, lse, seed, offset = cp._templated_ring_attention(
+        group, _RING_SEQ, aten._scaled_dot_product_efficient_attention.default, q, k, v,
+        is_causal=True, attn_bias=None, compute_log_sumexp=True, dropout_p=0.0, scale=scale)
+    return out, lse, dict(philox_seed=seed, philox_offset=offset)
+
+
+def _ring_backward(kernel: str, group: Any, grad: torch.Tensor, q: torch.Tensor,
+                   k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                   scale: float | None, extra: dict[str, Any]
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of ``_ring_forward``'s attention."""
+    from memoplan.runtime.ring import engine
+
+    cp, aten = engine(), torch.ops.aten
+    if kernel == "cpu":
+        op, name = aten._scaled_dot_product_flash_attention_for_cpu_backward.default, "grad_out"
+    elif kernel == "flash":
+        op, name = aten._scaled_dot_product_flash_attention_backward.default, "grad_out"
+    else:
+        op, name = aten._scaled_dot_product_efficient_attention_backward.default, "grad_out_"
+        extra = dict(extra, attn_bias=None, grad_input_mask=[True, True, True, False])
+    return cp._templated_ring_attention_backward(
+        group, _RING_SEQ, op, grad_out=grad, grad_out_name=name, query=q, key=k, value=v,
+        out=out, logsumexp=lse, is_causal=True, dropout_p=0.0, scale=scale, **extra)[:3]
+
+
 class _TorchRing(torch.autograd.Function):
-    """Causal attention over the ranks of ``group`` through torch's own ring engine, around the
-    CPU flash kernel (see ``ring_sdpa``)."""
+    """Causal attention over the ranks of ``group`` through torch's own ring engine, around
+    the kernel ``F.scaled_dot_product_attention`` would run on those tensors (see
+    ``ring_sdpa``)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, group):
+    def forward(ctx, q, k, v, scale, group, load_balance):
         from memoplan.runtime.ring import engine
 
-        cp = engine()
-        op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
-        saved = cp._cp_options.enable_load_balance
-        cp._cp_options.enable_load_balance = True
-        try:
-            out, lse = cp._templated_ring_attention(group, 2, op, q, k, v, is_causal=True,
-                                                    scale=scale)[:2]
-        finally:
-            cp._cp_options.enable_load_balance = saved
+        kernel = _ring_kernel(q)
+        with _load_balanced(engine(), load_balance):
+            out, lse, extra = _ring_forward(kernel, group, q, k, v, scale)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale, ctx.group = scale, group
+        ctx.scale, ctx.group, ctx.load_balance = scale, group, load_balance
+        ctx.kernel, ctx.extra = kernel, extra
         return out
 
     @staticmethod
     def backward(ctx, grad):
         from memoplan.runtime.ring import engine
 
-        cp = engine()
         q, k, v, out, lse = ctx.saved_tensors
-        op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
-        saved = cp._cp_options.enable_load_balance
-        cp._cp_options.enable_load_balance = True
-        try:
-            dq, dk, dv = cp._templated_ring_attention_backward(
-                ctx.group, 2, op, grad_out=grad, grad_out_name="grad_out", query=q, key=k,
-                value=v, out=out, logsumexp=lse, is_causal=True, dropout_p=0.0,
-                scale=ctx.scale)[:3]
-        finally:
-            cp._cp_options.enable_load_balance = saved
-        return dq, dk, dv, None, None
+        with _load_balanced(engine(), ctx.load_balance):
+            dq, dk, dv = _ring_backward(ctx.kernel, ctx.group, grad, q, k, v, out, lse,
+                                        ctx.scale, ctx.extra)
+        return dq, dk, dv, None, None, None
 
 
-def ring_sdpa(group):
+def ring_sdpa(group, load_balance: bool = True):
     """A drop-in for ``F.scaled_dot_product_attention`` (causal, no mask or dropout) that runs
-    over the context-parallel ranks of ``group`` through torch's ring engine, on the CPU:
-    what ``torch.distributed.tensor.experimental.context_parallel`` does on a GPU, whose
-    dispatcher has no CPU strategy. Each rank passes its tokens in the load-balanced
-    (head-tail) order. The reference that memoplan's context-parallel runs are compared with."""
+    over the context-parallel ranks of ``group`` through torch's ring engine
+    (``_templated_ring_attention`` and its backward): what
+    ``torch.distributed.tensor.experimental.context_parallel``'s dispatcher runs, without its
+    sharding of the inputs. Each rank passes its own tokens, in the load-balanced (head-tail)
+    order when ``load_balance`` (rank r of cp holds chunks r and 2cp-1-r of 2cp), else in
+    order (chunk r of cp). On a CPU each ring step runs CPU flash attention (the dispatcher has
+    no CPU strategy); on a GPU flash attention for float16/bfloat16 and memory-efficient
+    attention for float32, as ``F.scaled_dot_product_attention`` picks them. The reference
+    that memoplan's context-parallel runs are compared with."""
     def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
              enable_gqa=False):
         if attn_mask is not None or dropout_p or not is_causal or enable_gqa:
             raise RuntimeError("ring_sdpa: causal attention without mask, dropout or GQA only")
-        return _TorchRing.apply(q, k, v, scale, group)
+        return _TorchRing.apply(q, k, v, scale, group, load_balance)
     return sdpa

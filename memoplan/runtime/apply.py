@@ -141,8 +141,15 @@ def prepare(model: torch.nn.Module, seq_len: int | None = None,
     """Make (and on a GPU pin) the host slab now, for ``seq_len`` tokens per GPU (default: the
     plan's), so that no timed step pays for it; returns the seconds it took (also
     ``stats(model)["pin_seconds"]``). ``apply`` calls it for a model whose parameters are
-    on a GPU; on a CPU the slab is sized at the first offloaded layer call, for that call's
-    length. Once made, the slab stays: a longer sequence later gets buffers of its own."""
+    on a GPU, and under NCCL for one not on its GPU yet (on this rank's GPU); otherwise the
+    slab is sized at the first offloaded layer call, for that call's length. Once made, the
+    slab stays: a longer sequence later gets buffers of its own.
+
+    Under torch.distributed every rank must call it (it is a collective): after pinning, the
+    ranks agree that each could, and if one could not, every rank raises a MemoplanError
+    naming it, instead of the others waiting for it in the next collective. The ranks also
+    wait here for the slowest one's pinning (about 0.5 s per GiB): keep the process group's
+    timeout above that."""
     runner = _runner_of(model)
     if not runner.copier.sized:
         plan = runner.plan
@@ -272,9 +279,28 @@ def apply(model: torch.nn.Module, plan: Plan, *, debug_poison: bool = False,
     for index, layer in enumerate(layers):
         _wrap(layer, index, runner)
     model._memoplan_runner = runner  # noqa: SLF001  (lets tests and benchmarks read counters)
-    if any(p.is_cuda for p in model.parameters()) and any(l.mode == "offload" for l in plan.layers):
-        prepare(model)  # pin the host slab now, not in the first step
+    if any(l.mode == "offload" for l in plan.layers):
+        if any(p.is_cuda for p in model.parameters()):
+            prepare(model)  # pin the host slab now, not in the first step
+        elif (gpu := _nccl_device()) is not None:
+            # a model not on its GPU yet (meta init, to_empty after fully_shard) in an NCCL
+            # job: pin now too, where every rank is, and not inside the first forward, between
+            # FSDP's and the ring's collectives
+            prepare(model, device=gpu)
     return model
+
+
+def _nccl_device() -> torch.device | None:
+    """This rank's GPU when torch.distributed runs over NCCL (the device the default group is
+    bound to, else the current one), else None."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and torch.cuda.is_available()):
+        return None
+    if "nccl" not in str(dist.get_backend()).lower():
+        return None
+    bound = getattr(dist.distributed_c10d._get_default_group(), "bound_device_id", None)
+    return bound if bound is not None else torch.device("cuda", torch.cuda.current_device())
 
 
 def plan_digest(plan: Plan) -> str:

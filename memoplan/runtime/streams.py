@@ -88,18 +88,20 @@ class _Slab:
             return
         size = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
         if nbytes >= 1 << 32:  # about 0.5 s per GiB: say why the first step waits
-            print(f"memoplan: pinning {fmt_bytes(nbytes)} of host memory for the plan's host "
-                  f"copies (once)", file=sys.stderr, flush=True)
+            print(f"memoplan: {_rank_prefix()}pinning {fmt_bytes(nbytes)} of host memory for the "
+                  f"plan's host copies (once, about 0.5 s per GiB{_WAIT_NOTE})",
+                  file=sys.stderr, flush=True)
         self._memory = torch.empty(size + mmap.PAGESIZE, dtype=torch.uint8)
         start = -self._memory.data_ptr() % mmap.PAGESIZE
         self.base = self._memory[start: start + nbytes]
         with torch.cuda.device(self.device):
             rc = int(torch.cuda.cudart().cudaHostRegister(self.base.data_ptr(), size, 1))
         if rc != 0:
-            self.device = None
+            device, self.device = self.device, None
+            _clear_cuda_error()
             raise MemoplanError(
                 f"{_rank_prefix()}Pinning {fmt_bytes(nbytes)} of host memory for this plan's host "
-                f"copies on {self.device} failed (cudaHostRegister error {rc}). The host may lack "
+                f"copies on {device} failed (cudaHostRegister error {rc}). The host may lack "
                 f"that much free memory (every rank of a node pins its own), or the locked-memory "
                 f"limit is too low ('ulimit -l'). Solve again with a smaller --host-mem-gb, or "
                 f"raise the limit.")
@@ -113,7 +115,7 @@ class _Slab:
         return raw
 
     def __del__(self) -> None:
-        if self.device is not None:
+        if getattr(self, "device", None) is not None:  # None: unpinned, or never made
             with contextlib.suppress(Exception):  # at interpreter exit CUDA may be gone already
                 torch.cuda.synchronize(self.device)  # no copy may still use the range
                 torch.cuda.cudart().cudaHostUnregister(self.base.data_ptr())
@@ -178,11 +180,23 @@ class Copier:
 
     def reserve_bytes(self, total: int, device: torch.device) -> None:
         """Make the slab (once) of ``total`` bytes, pinned for a CUDA ``device``; the seconds
-        it took are ``pin_seconds``."""
+        it took are ``pin_seconds``. Under torch.distributed every rank makes its own and then
+        all ranks agree that each did (:func:`agree_on_slabs`): a rank that could not raises,
+        and so does every other rank, here, instead of waiting for it in the next collective.
+        Every rank must therefore reserve at the same point (``apply``/``prepare``, or the
+        first offloaded layer call)."""
         if self._slab is None:
             began = time.perf_counter()
-            self._slab = _Slab(total, device)
-            self.pin_seconds = time.perf_counter() - began
+            try:
+                slab, failure = _Slab(total, device), None
+            except Exception as e:  # noqa: BLE001  (the other ranks must hear of any failure)
+                slab, failure = None, e
+            seconds = time.perf_counter() - began
+            agree_on_slabs(failure, total)
+            if failure is not None:  # not distributed: this rank's own error
+                raise failure
+            self._slab = slab
+            self.pin_seconds = seconds
             self.slab_bytes = total
 
     def _async(self, device: torch.device) -> bool:
@@ -322,6 +336,88 @@ class Copier:
         _, done = fetched
         if done is not None:
             done.synchronize()
+
+
+_WAIT_NOTE = ("; under torch.distributed every rank then waits for the slowest one's, so keep "
+              "the process group's timeout, init_process_group(timeout=...), longer than that")
+
+
+def _clear_cuda_error() -> None:
+    """Read (and so reset) this thread's last CUDA runtime error. A failed cudaHostRegister
+    leaves it set, and PyTorch checks it after its next kernel launch: that kernel (the ranks'
+    agreement below, or the next step) would raise the pinning error as its own. Best effort:
+    through the CUDA runtime library this process has loaded."""
+    import ctypes
+
+    try:
+        with open("/proc/self/maps") as maps:
+            libs = {line.split()[-1] for line in maps if "libcudart" in line}
+        for lib in sorted(libs):
+            ctypes.CDLL(lib).cudaGetLastError()
+    except Exception:  # noqa: BLE001  (no /proc, no such library: nothing to clear here)
+        pass
+
+
+def _agreement_device() -> torch.device:
+    """Where the default process group reduces a tensor: on the CPU for gloo (also a mixed
+    'cpu:gloo,cuda:nccl' group), on the current CUDA device for NCCL."""
+    import torch.distributed as dist
+
+    backend = str(dist.get_backend()).lower()
+    if "gloo" in backend or "nccl" not in backend or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def agree_on_slabs(failure: BaseException | None, nbytes: int) -> None:
+    """Under torch.distributed (more than one rank), every rank calls this once it has tried to
+    make (pin) its host slab of ``nbytes``, ``failure`` being its error or None; if any rank
+    failed, every rank raises a MemoplanError that names the failing ranks. One MIN all-reduce
+    of a per-rank ok flag over the default group: a CPU tensor for gloo, one on the current
+    CUDA device for NCCL, made on a side stream so that a planned phase in progress (a model
+    whose slab is sized at its first offloaded layer call) neither places it nor waits for
+    it."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    rank, world = dist.get_rank(), dist.get_world_size()
+    where = _agreement_device()
+    ok = [1] * world
+    ok[rank] = int(failure is None)
+    try:
+        side = torch.cuda.stream(torch.cuda.Stream(where)) if where.type == "cuda" \
+            else contextlib.nullcontext()
+        with side:
+            flags = torch.tensor(ok, dtype=torch.int32).to(where)
+            dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+            failed = [r for r, x in enumerate(flags.tolist()) if not x]
+    except Exception as e:  # noqa: BLE001
+        raise MemoplanError(
+            f"rank {rank}: the ranks' check that each pinned its {fmt_bytes(nbytes)} of host "
+            f"memory failed ({type(e).__name__}: {e}). If a rank timed out waiting, another "
+            f"was still pinning (about 0.5 s per GiB, the ranks of a node at once) or had "
+            f"stopped: make the process group's timeout, init_process_group(timeout=...), "
+            f"longer than the slowest rank's pinning, and look for a rank that failed."
+            + (f" This rank's own pinning failed too: {failure}" if failure else "")) from e
+    if not failed:
+        return
+    names = ", ".join(map(str, failed))
+    plural = "s" if len(failed) > 1 else ""
+    mine = (f" This rank's error: {type(failure).__name__}: {failure}" if failure is not None
+            else f" See rank {failed[0]}'s error for the cause.")
+    raise MemoplanError(
+        f"rank {rank}: making the host memory for the plan's host copies "
+        f"({fmt_bytes(nbytes)} per rank, page-locked on a GPU) failed on rank{plural} {names} of "
+        f"{world}; every rank stops here rather than wait for {'them' if plural else 'it'} in "
+        f"the next collective.{mine} Raise the locked-memory limit on that node ('ulimit -l "
+        f"unlimited', or memlock in the container, systemd or Slurm settings) or free host "
+        f"memory there, or make each rank pin less: solve again with a smaller --host-mem-gb "
+        f"or --alpha, or with fewer GPUs per node (--gpus-per-node; each rank of a node pins its "
+        f"own). Pinning takes about 0.5 s per GiB and the ranks wait for each other after it: "
+        f"keep the process group's timeout (init_process_group(timeout=...)) above that, and "
+        f"pin before training's collectives (memoplan.runtime.prepare(model, device=...) right "
+        f"after apply).") from failure
 
 
 def _rank_prefix() -> str:
