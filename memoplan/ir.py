@@ -337,11 +337,36 @@ class PhaseScript:
 
     ``slots``: (bytes, arena offset) of each request of the phase in order (offset -1: the
     pool serves it); ``region``: (offset, bytes) of the block where the requests no slot
-    places go first-fit (the workspace for recomputing dropped tokens), or None.
+    places go first-fit (the workspace for recomputing dropped tokens), or None; ``ring``
+    (forward and backward under context parallelism; None otherwise, and in plans written
+    before it): (offset, bytes) of the arena span level 1 gives ring attention's buffers
+    (its ``ring:*`` blocks) inside the layer's ``fwd[i]``/``bwd[i]`` block, where the
+    requests of the ring call go first-fit while it runs (``runtime.ring``).
     """
 
     slots: tuple[tuple[int, int], ...] = ()
     region: tuple[int, int] | None = None
+    ring: tuple[int, int] | None = None
+
+    def to_json(self) -> dict:
+        out: dict = {"slots": [list(x) for x in self.slots],
+                     "region": list(self.region) if self.region else None}
+        if self.ring:  # only under context parallelism: other plans read as before
+            out["ring"] = list(self.ring)
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict, phase: str) -> PhaseScript:
+        """Checked: every slot and span is a pair of whole numbers."""
+        def pair(x: Any, what: str) -> tuple[int, int]:
+            if not isinstance(x, (list, tuple)) or len(x) != 2 or not all(
+                    isinstance(v, int) and not isinstance(v, bool) for v in x):
+                raise ValueError(f"{what} must be 2 whole numbers, got {x!r}")
+            return (x[0], x[1])
+
+        return cls(slots=tuple(pair(x, f"a {phase} slot") for x in d["slots"]),
+                   region=pair(d["region"], f"a {phase} region") if d["region"] else None,
+                   ring=pair(d["ring"], f"a {phase} ring span") if d.get("ring") else None)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -366,9 +391,8 @@ class RuntimeLayer:
         return {"saved": [asdict(t) for t in self.saved], "nodes": list(self.nodes),
                 "segments": list(self.segments), "trace_seq": self.trace_seq,
                 "arena": {k: list(v) for k, v in self.arena.items()},
-                "scripts": {ph: [{"slots": [list(x) for x in sc.slots],
-                                  "region": list(sc.region) if sc.region else None}
-                                 for sc in scripts] for ph, scripts in self.scripts.items()}}
+                "scripts": {ph: [sc.to_json() for sc in scripts]
+                            for ph, scripts in self.scripts.items()}}
 
     @classmethod
     def from_json(cls, d: dict, n_layers: int) -> RuntimeLayer:
@@ -386,10 +410,7 @@ class RuntimeLayer:
             if len(per_layer) != n_layers:
                 raise ValueError(f"scripts.{ph} has {len(per_layer)} entries for {n_layers} "
                                  f"layers")
-            scripts[ph] = tuple(PhaseScript(
-                slots=tuple(ints(x, 2, f"a {ph} slot") for x in sc["slots"]),
-                region=ints(sc["region"], 2, f"a {ph} region") if sc["region"] else None)
-                for sc in per_layer)
+            scripts[ph] = tuple(PhaseScript.from_json(sc, ph) for sc in per_layer)
         nodes = tuple(d["nodes"])
         for n in nodes:
             if not all(k in n for k in ("name", "target", "class", "axes")):

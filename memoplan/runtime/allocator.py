@@ -215,6 +215,9 @@ class PlanAllocator:
         lib.mp_begin.restype = ctypes.c_int
         lib.mp_end.restype = i64
         lib.mp_region.argtypes = [i64, i64]
+        lib.mp_detour.argtypes = [i64, i64]
+        lib.mp_detour.restype = None
+        lib.mp_detour_end.restype = None
         lib.mp_reserve.argtypes = [i64, i64]
         lib.mp_reserve.restype = ctypes.c_int
         lib.mp_unreserve.argtypes = [i64]
@@ -277,6 +280,15 @@ class PlanAllocator:
 
     def end(self) -> None:
         self.missed += self.lib.mp_end()
+
+    def detour(self, offset: int, nbytes: int) -> None:
+        """Inside the active phase, until ``detour_end``: the script waits and requests go
+        first-fit into arena bytes [offset, offset + nbytes) (0 bytes: the phase's own block);
+        ring attention's calls, whose requests no trace lists (``runtime.ring``)."""
+        self.lib.mp_detour(offset, nbytes)
+
+    def detour_end(self) -> None:
+        self.lib.mp_detour_end()
 
     def reserve(self, offset: int, nbytes: int) -> bool:
         return bool(self.lib.mp_reserve(offset, nbytes))

@@ -131,7 +131,11 @@ class _Runner:
         planner.begin(stream, list(script.slots), align=int(self.plan.config.get("align", 512)),
                       block=script.region, device=where)
         try:
-            yield
+            # ring attention (cp > 1): its requests go first-fit into the span the script
+            # gives them, its results into their slots (runtime/ring.py)
+            with prog.ring.placed(planner, script) if prog.ring is not None \
+                    else contextlib.nullcontext():
+                yield
         finally:
             planner.end()
 

@@ -120,8 +120,12 @@ def forward_layer(prog: LayerProgram, mode: str, alpha: float, copier: Copier, i
             if prog.roles.get(c) == "primary":
                 state.device[c] = value
         elif value.device != device:
-            # host memory already, kept by reference: flash attention's dropout seed and offset
-            # are CPU scalars that its backward reads on the host, never a device copy
+            # a saved value that already lives in host memory (an op that returns CPU
+            # tensors beside device ones) is kept by reference: there is no device copy to
+            # make. Flash attention's philox seed and offset do not come here on CUDA: torch
+            # 2.11 returns them as uint64 tensors on the device (rng_state [2], and a 0-dim
+            # placeholder; unused without dropout), so they take the ``whole`` path below
+            # (a tiny device-to-host copy and back)
             state.device[c] = value
         elif h.how == "whole":
             state.layout[c] = dim_order(value)

@@ -21,7 +21,9 @@ backward
   ``dkv``    the fp32 dK/dV accumulators travelling with the blocks (always all-to-all): the
              received ones, their send copy and the next received: 3 x 2F
   ``dq``     the fp32 dq accumulator and its copy when half of it is updated, 2F, plus one
-             step's dq, dk, dv in the compute dtype, 3 O
+             step's dq, dk, dv in the compute dtype, 3 O, and the ring's final dq, dk, dv,
+             3 O (under the planned allocator they are made in the ring's span and then copied
+             into the op's own gradient slots of the trace)
 
 The op's own output, logsumexp and gradients are in the trace already (the ring's final
 results replace them), and flash attention's dq accumulator inside each step is counted with
@@ -80,7 +82,7 @@ def ring_workspace(profile: Profile, cfg: SolveConfig) -> dict[str, dict[str, in
         kv_fwd, kv_bwd = cfg.cp * kv, (cfg.cp + 1) * kv
     return {"forward": {"kv": aligned(kv_fwd, cfg), "merge": aligned(4 * (f + r) + o, cfg)},
             "backward": {"kv": aligned(kv_bwd, cfg), "dkv": aligned(3 * 2 * f, cfg),
-                         "dq": aligned(2 * f + 3 * o, cfg)}}
+                         "dq": aligned(2 * f + 6 * o, cfg)}}
 
 
 def ring_requests(profile: Profile, cfg: SolveConfig, phase: str,

@@ -7,7 +7,11 @@
   ``bwd[i]``, the gradient of the layer's input in ``grad[i]`` (where it lives until the layer
   below has used it), parameter gradients in the pool (they become ``.grad``: model states,
   outside the arena). The recompute phase has no trace of its requests: its script names the
-  ``recompute[i]`` block, where they go first-fit.
+  ``recompute[i]`` block, where they go first-fit. Under context parallelism the forward and
+  backward scripts also name the span of the layer's block that level 1 gives ring
+  attention's buffers (``ring``: its ``ring:*`` blocks), where the ring call's requests, which
+  no trace lists either, go first-fit while it runs (``runtime.ring``). A checkpointed layer's
+  re-run has none: its ring call's requests go into ``recompute[i]`` with the rest of it.
 - ``arena``: the blocks the runtime's own buffers live in (``prefetch[i]``, ``split[i]:NAME``).
 """
 
@@ -77,4 +81,34 @@ def phase_script(profile: Profile, cfg: SolveConfig, levels: dict[str, LevelPlan
         elif key in level.offsets and base is not None:
             offset = base + level.offsets[key]
         slots.append((size, offset))
-    return PhaseScript(slots=tuple(slots))
+    span = ring_span(level)
+    ring = (base + span[0], span[1]) if span is not None and base is not None else None
+    return PhaseScript(slots=tuple(slots), ring=ring)
+
+
+def ring_span(level: LevelPlan) -> tuple[int, int] | None:
+    """(offset in the level's block, bytes) of the range its ring attention buffers (the
+    ``ring:*`` blocks, ``solve.parallel``) take; None without them. The ring blocks of one
+    attention op live together and level 1 usually puts them side by side; where they lie
+    apart, the range covers the gap only if no other block that lives while they do is there
+    (one made during the op, its outputs or gradients, could be taken by the ring's requests
+    before it comes), else it is the widest run of ring blocks without such a gap."""
+    ring = sorted((level.offsets[k], level.sizes[k]) for k in level.offsets
+                  if k.startswith("ring:"))
+    if not ring:
+        return None
+    lifetimes = [level.lifetimes[k] for k in level.offsets if k.startswith("ring:")]
+    first, last = min(a for a, _ in lifetimes), max(b for _, b in lifetimes)
+    others = [(level.offsets[k], level.offsets[k] + level.sizes[k]) for k in level.offsets
+              if not k.startswith("ring:") and level.lifetimes[k][0] < last
+              and first < level.lifetimes[k][1]]
+    runs: list[list[int]] = []  # [start, end, ring bytes]
+    for at, size in ring:
+        if runs and (at <= runs[-1][1] or not any(a < at and runs[-1][1] < b
+                                                  for a, b in others)):
+            runs[-1][1] = max(runs[-1][1], at + size)
+            runs[-1][2] += size
+        else:
+            runs.append([at, at + size, size])
+    start, end, _ = max(runs, key=lambda r: r[2])
+    return start, end - start

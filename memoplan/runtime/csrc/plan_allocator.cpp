@@ -10,7 +10,11 @@
 // slots ahead (a planned request that never came shifts the stream); one that matches none of
 // them (e.g. a kernel's workspace) is served from the pool. A phase may also name a block of
 // the arena (mp_region: the workspace for recomputing a layer's dropped tokens, whose requests
-// no trace lists): requests the script does not place go first-fit into that block.
+// no trace lists): requests the script does not place go first-fit into that block. While the
+// runtime runs code whose requests no script lists inside a phase (ring attention under context
+// parallelism: its collectives' buffers and merge temporaries), a detour (mp_detour) holds the
+// script where it is and sends the phase's requests first-fit into the bytes the plan budgets
+// for that code; mp_detour_end resumes the script and puts the phase's own block back.
 //
 // Safety does not rest on the plan: an address range is handed out only if it overlaps no
 // live arena allocation and no range the runtime reserved (its own views into the arena).
@@ -460,6 +464,8 @@ struct State {
   size_t cursor = 0;
   int64_t align = 1;  // a request matches a slot if its size rounded up to this is the slot's
   int64_t region_start = 0, region_end = 0;  // the phase's first-fit block, if any
+  bool detour = false;  // mp_detour: the script waits, requests go first-fit into the region
+  int64_t phase_region_start = 0, phase_region_end = 0;  // the phase's own, back at the end
   std::map<char*, Alloc> live;          // arena allocations by pointer
   std::map<int64_t, int64_t> reserved;  // runtime's ranges: start -> end
   std::map<void*, Alloc> pooled;        // pool allocations
@@ -598,6 +604,7 @@ void* replay(State& s, int64_t size, int device, cudaStream_t stream) {
   int64_t rounded = (size + s.align - 1) / s.align * s.align;
   size_t first = s.cursor;
   size_t end = s.script.size() < first + kLookahead ? s.script.size() : first + kLookahead;
+  if (s.detour) end = first;  // a detour's requests are none of the script's: it waits
   for (size_t k = first; k < end; ++k) {
     const Slot& slot = s.script[k];
     if (slot.size != rounded || (k > first && slot.offset < 0)) continue;  // skip only to a
@@ -841,6 +848,7 @@ int mp_begin(int device, cudaStream_t stream, int64_t align, int64_t n, const in
   s.stream = stream;
   s.active = true;
   s.region_start = s.region_end = 0;
+  s.detour = false;
   return 1;
 }
 
@@ -862,7 +870,41 @@ int64_t mp_end() {
   s.active = false;
   s.script.clear();
   s.region_start = s.region_end = 0;
+  s.detour = false;
   return missed;
+}
+
+// A detour inside the active phase (ring attention, whose requests no trace lists): until
+// mp_detour_end the script waits (its cursor stays, no slot is taken or skipped) and requests
+// go first-fit into [start, start + size), the bytes the plan budgets for the detour (size 0:
+// into the phase's own block, if it has one), else to the pool (counted as unplanned). Nothing
+// happens outside a phase; a second mp_detour before the end only moves the block.
+void mp_detour(int64_t start, int64_t size) {
+  State& s = S();
+  std::lock_guard<std::mutex> lock(s.mu);
+  if (!s.active) return;
+  if (!s.detour) {
+    s.detour = true;
+    s.phase_region_start = s.region_start;
+    s.phase_region_end = s.region_end;
+  }
+  if (start >= 0 && size > 0 && start + size <= s.arena_size) {
+    s.region_start = start;
+    s.region_end = start + size;
+  } else {
+    s.region_start = s.phase_region_start;
+    s.region_end = s.phase_region_end;
+  }
+}
+
+// The detour is over: the script goes on where it waited, the phase's own block is back.
+void mp_detour_end() {
+  State& s = S();
+  std::lock_guard<std::mutex> lock(s.mu);
+  if (!s.detour) return;
+  s.detour = false;
+  s.region_start = s.phase_region_start;
+  s.region_end = s.phase_region_end;
 }
 
 // The runtime's own views into the arena: 1 if [offset, offset + size) was free and is now
