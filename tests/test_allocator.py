@@ -793,3 +793,21 @@ def test_a_replaced_arena_is_let_go(fresh):
     assert gone() is None
     assert len(fresh.arenas) == 1 and fresh.arenas[0] is second  # the one in use stays
 
+
+def test_an_idle_arena_is_let_go_before_the_next_is_made(fresh):
+    """A second apply() allocates its arena while the first one's buffer is still held: on a
+    GPU both at once (2 x tens of GiB). With none of the old arena's planned tensors alive,
+    the allocator lets it go first; with one alive, it keeps it (the switch is refused)."""
+    first = torch.empty(8192, dtype=torch.uint8)
+    gone = weakref.ref(first)
+    assert fresh.set_arena(first.data_ptr(), 8192, keep=first)
+    assert fresh.begin(0, [(1024, 0)])
+    ptr = fresh.lib.mp_malloc(1024, 0, 0)  # a planned tensor in the arena, alive
+    fresh.end()
+    fresh.let_go_idle_arena()
+    assert len(fresh.arenas) == 1  # kept: its tensor lives
+    fresh.lib.mp_free(ptr, 0, 0, 0)
+    del first
+    fresh.let_go_idle_arena()
+    assert gone() is None and fresh.arenas == []
+

@@ -181,6 +181,10 @@ def test_the_agreement_runs_where_the_process_group_can_reduce(monkeypatch):
         assert str(apply_mod._nccl_device()) == str(pin), backend
     group.bound_device_id = torch.device("cuda", 1)
     assert str(apply_mod._nccl_device()) == "cuda:1"
+    # NCCL reduces on this rank's GPU: the slab's, else the bound one, never cuda:0 by default
+    assert str(streams._agreement_device()) == "cuda:1"
+    assert str(streams._agreement_device(torch.device("cuda", 2))) == "cuda:2"
+    assert str(streams._agreement_device(torch.device("cpu"))) == "cuda:1"
 
 
 # --- the context-parallel reference of train_dist.py ----------------------------------------

@@ -144,6 +144,9 @@ class FakePlanner:
         self.calls.append(("arena", ptr, nbytes))
         return True
 
+    def let_go_idle_arena(self):
+        self.calls.append(("let go",))
+
     def begin(self, stream, slots, align=512, block=None, device=0):
         self.calls.append(("begin", len(slots)) + ((block,) if block else ()))
 
@@ -175,6 +178,9 @@ def test_the_runtime_drives_the_planned_allocator_phases(monkeypatch):
                         lambda device: fake.calls.append(("warm", device.type)))
     inputs = _llama_inputs()
     model(*inputs).float().pow(2).mean().backward()
+    # before it makes its arena, the runtime lets go of an idle one (a gone model's)
+    assert fake.calls[0] == ("let go",)
+    fake.calls = fake.calls[1:]
     warm = [i for i, c in enumerate(fake.calls) if c[0] == "warm"]
     assert warm and warm[0] == 1 and all(fake.calls[i + 1][0] == "begin" for i in warm)
     assert len(warm) == len(runner.warmed) <= 2  # the main thread, maybe autograd's

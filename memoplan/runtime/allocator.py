@@ -215,6 +215,7 @@ class PlanAllocator:
         lib.mp_begin.restype = ctypes.c_int
         lib.mp_end.restype = i64
         lib.mp_region.argtypes = [i64, i64]
+        lib.mp_arena_idle.restype = ctypes.c_int
         lib.mp_detour.argtypes = [i64, i64]
         lib.mp_detour.restype = None
         lib.mp_detour_end.restype = None
@@ -261,6 +262,14 @@ class PlanAllocator:
         if keep is not None:
             self.arenas = [keep]
         return True
+
+    def let_go_idle_arena(self) -> None:
+        """Drop this allocator's hold on the arena in use when none of its planned tensors (and
+        none of the runtime's reserved ranges) is alive: called before a new arena is
+        allocated, so that a second apply() (a rebuilt model, a retry) does not need both at
+        once. A model still alive keeps its own arena buffer."""
+        if self.arenas and self.lib.mp_arena_idle():
+            self.arenas.clear()
 
     def begin(self, stream: int, slots: list[tuple[int, int]], align: int = 512,
               block: tuple[int, int] | None = None, device: int = 0) -> bool:

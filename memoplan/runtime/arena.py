@@ -129,6 +129,8 @@ class Arena:
     def start(self) -> None:
         """Allocate the arena (once) and hand it to the planned allocator, if any."""
         if self.buffer is None:
+            if self.planner is not None:
+                self.planner.let_go_idle_arena()  # a gone model's arena, before this one's
             # offset 0 of the plan is ALIGN bytes in: a planned tensor never gets the address of
             # the buffer itself (which PyTorch's allocator bookkeeping already holds)
             self.buffer = torch.empty(ALIGN + self.nbytes, dtype=torch.uint8, device=self.device)

@@ -192,7 +192,7 @@ class Copier:
             except Exception as e:  # noqa: BLE001  (the other ranks must hear of any failure)
                 slab, failure = None, e
             seconds = time.perf_counter() - began
-            agree_on_slabs(failure, total)
+            agree_on_slabs(failure, total, device)
             if failure is not None:  # not distributed: this rank's own error
                 raise failure
             self._slab = slab
@@ -352,24 +352,31 @@ def _clear_cuda_error() -> None:
     try:
         with open("/proc/self/maps") as maps:
             libs = {line.split()[-1] for line in maps if "libcudart" in line}
-        for lib in sorted(libs):
+    except OSError:  # no /proc: nothing to clear here
+        return
+    for lib in sorted(libs):
+        with contextlib.suppress(Exception):  # one that cannot be loaded: the next may
             ctypes.CDLL(lib).cudaGetLastError()
-    except Exception:  # noqa: BLE001  (no /proc, no such library: nothing to clear here)
-        pass
 
 
-def _agreement_device() -> torch.device:
+def _agreement_device(device: torch.device | None = None) -> torch.device:
     """Where the default process group reduces a tensor: on the CPU for gloo (also a mixed
-    'cpu:gloo,cuda:nccl' group), on the current CUDA device for NCCL."""
+    'cpu:gloo,cuda:nccl' group), for NCCL on this rank's GPU: ``device`` (the slab's) when it
+    is a CUDA device, else the group's bound device, else the current one (a job that binds
+    its device without set_device would otherwise reduce on cuda:0 from every rank)."""
     import torch.distributed as dist
 
     backend = str(dist.get_backend()).lower()
     if "gloo" in backend or "nccl" not in backend or not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device("cuda", torch.cuda.current_device())
+    if device is not None and device.type == "cuda" and device.index is not None:
+        return device
+    bound = getattr(dist.distributed_c10d._get_default_group(), "bound_device_id", None)
+    return bound if bound is not None else torch.device("cuda", torch.cuda.current_device())
 
 
-def agree_on_slabs(failure: BaseException | None, nbytes: int) -> None:
+def agree_on_slabs(failure: BaseException | None, nbytes: int,
+                   device: torch.device | None = None) -> None:
     """Under torch.distributed (more than one rank), every rank calls this once it has tried to
     make (pin) its host slab of ``nbytes``, ``failure`` being its error or None; if any rank
     failed, every rank raises a MemoplanError that names the failing ranks. One MIN all-reduce
@@ -382,7 +389,7 @@ def agree_on_slabs(failure: BaseException | None, nbytes: int) -> None:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return
     rank, world = dist.get_rank(), dist.get_world_size()
-    where = _agreement_device()
+    where = _agreement_device(device)
     ok = [1] * world
     ok[rank] = int(failure is None)
     try:

@@ -833,6 +833,15 @@ int mp_set_arena(void* base, int64_t size, int device) {
   return 1;
 }
 
+// 1 when the arena holds no live planned tensor and no range the runtime reserved: what a
+// switch to another arena needs (mp_set_arena), so the runtime may let the old buffer go
+// before it allocates the next one.
+int mp_arena_idle() {
+  State& s = S();
+  std::lock_guard<std::mutex> lock(s.mu);
+  return s.live.empty() && s.reserved.empty() ? 1 : 0;
+}
+
 // Start a phase on (`device`, `stream`): n requests with planned sizes (multiples of `align`)
 // and offsets (-1: not placed). Returns 0 (no phase) where the arena is another device's.
 int mp_begin(int device, cudaStream_t stream, int64_t align, int64_t n, const int64_t* sizes,
