@@ -22,7 +22,6 @@ import weakref
 
 import pytest
 import torch
-from torch.utils import _pytree as pytree
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -34,6 +33,7 @@ from memoplan.runtime import allocator
 from memoplan.solve import SolveConfig, solve_plan
 from memoplan.trace import ProfileConfig, profile_model
 from strategies import request_traces
+from torch_requests import TorchRequests
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 COMPUTE, OTHER = 1, 2  # stream handles
@@ -678,55 +678,6 @@ def test_install_after_cuda_is_initialised_says_to_call_it_first(monkeypatch):
     with pytest.raises(MemoplanError, match=f"{too_late}.*Can't swap"):
         allocator.install_allocator()
     assert allocator.installed() is None
-
-
-class TorchRequests:
-    """A dispatch mode that feeds the storages ops create (malloc) and release (free) to the
-    allocator, the way a process-wide CUDA allocator would see them. Storages of parameters
-    and inputs, and host copies (``empty``: pinned host memory on a GPU), are not device
-    requests."""
-
-    def __init__(self, lib, external: set[int]) -> None:
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        outer = self
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                for t in pytree.tree_leaves(out):
-                    if isinstance(t, torch.Tensor):
-                        outer.seen(func, t)
-                return out
-
-        self.lib, self.external, self.mode = lib, external, Mode()
-        self.count: dict[int, int] = {}
-        self.ptr: dict[int, int] = {}
-        self.host: dict[int, int] = {}
-
-    def seen(self, func, t: torch.Tensor) -> None:
-        key = t.untyped_storage().data_ptr()
-        if func is torch.ops.aten.empty.memory_format:  # host memory on a GPU: its address
-            self.host[key] = self.host.get(key, 0) + 1  # may come back as a device tensor's
-            weakref.finalize(t, self.host_dead, key)
-        if key in self.external or key in self.host:
-            return
-        if key not in self.count:
-            self.count[key] = 0
-            self.ptr[key] = self.lib.mp_malloc(t.untyped_storage().nbytes(), 0, 0)
-        self.count[key] += 1
-        weakref.finalize(t, self.dead, key)
-
-    def host_dead(self, key: int) -> None:
-        self.host[key] -= 1
-        if not self.host[key]:
-            del self.host[key]
-
-    def dead(self, key: int) -> None:
-        self.count[key] -= 1
-        if not self.count[key]:
-            del self.count[key]
-            self.lib.mp_free(self.ptr.pop(key), 0, 0, 0)
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt"])

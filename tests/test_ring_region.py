@@ -23,15 +23,14 @@ import shutil
 import socket
 import time
 import types
-import weakref
 from pathlib import Path
 
 import pytest
 import torch
 import torch.fx as fx
-from torch.utils import _pytree as pytree
 
 from conftest import EXAMPLES
+from torch_requests import TorchRequests
 from memoplan.errors import MemoplanError
 from memoplan.hardware import get_hardware
 from memoplan.ir import LevelPlan, PhaseScript, Plan
@@ -240,57 +239,6 @@ def _head_tail(seq: int, cp: int, rank: int) -> torch.Tensor:
     return torch.cat([chunks[rank], chunks[2 * cp - 1 - rank]])
 
 
-class _Requests:
-    """A dispatch mode that feeds the storages ops create (malloc) and release (free) to the
-    allocator, as a process-wide CUDA allocator would see them (see tests/test_allocator.py);
-    ``on_malloc(ptr, nbytes)`` sees each request."""
-
-    def __init__(self, lib, external: set[int], on_malloc) -> None:
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        outer = self
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                for t in pytree.tree_leaves(out):
-                    if type(t) is torch.Tensor:  # not a wrapper (a collective's pending result)
-                        outer.seen(func, t)
-                return out
-
-        self.lib, self.external, self.on_malloc, self.mode = lib, external, on_malloc, Mode()
-        self.count: dict[int, int] = {}
-        self.ptr: dict[int, int] = {}
-        self.host: dict[int, int] = {}
-
-    def seen(self, func, t: torch.Tensor) -> None:
-        key = t.untyped_storage().data_ptr()
-        if func is aten.empty.memory_format:  # host memory on a GPU (the runtime's copies)
-            self.host[key] = self.host.get(key, 0) + 1
-            weakref.finalize(t, self.host_dead, key)
-        if key in self.external or key in self.host:
-            return
-        if key not in self.count:
-            nbytes = t.untyped_storage().nbytes()
-            self.count[key] = 0
-            self.ptr[key] = self.lib.mp_malloc(nbytes, 0, 0)
-            if nbytes:
-                self.on_malloc(self.ptr[key], nbytes)
-        self.count[key] += 1
-        weakref.finalize(t, self.dead, key)
-
-    def host_dead(self, key: int) -> None:
-        self.host[key] -= 1
-        if not self.host[key]:
-            del self.host[key]
-
-    def dead(self, key: int) -> None:
-        self.count[key] -= 1
-        if not self.count[key]:
-            del self.count[key]
-            self.lib.mp_free(self.ptr.pop(key), 0, 0, 0)
-
-
 def _log_phases(runner) -> list:
     """The log of the planned phases the run enters ((phase, layer); None: left). ``apply``'s
     planned phase enters the ring's placement itself (``RingAttention.placed``); on code
@@ -394,7 +342,7 @@ def _ring_step_worker(rank: int, port: int, plan: Plan, lib_path: str, spill: in
         external = {t.untyped_storage().data_ptr() for t in model.parameters()}
         external |= {b.untyped_storage().data_ptr()
                      for bufs in runner.copier._free.values() for b in bufs}
-        requests = _Requests(alloc.lib, external, on_malloc)
+        requests = TorchRequests(alloc.lib, external, on_malloc)
         before = alloc.stats()
         with requests.mode:
             loss, got = step()
