@@ -27,3 +27,24 @@ def test_the_head_law_predicts_an_unmeasured_length_of_a_chunked_loss():
     # the slope says, so a per-token figure from a short length would overshoot at 100K
     short = head_phase_bytes(mf, model, layers, 512) / 512
     assert info.head_bytes_fixed > 0 and short > 1.5 * info.head_bytes_per_token
+
+
+def test_the_llama_examples_chunked_cross_entropy_equals_plain_cross_entropy(monkeypatch):
+    import importlib.util
+
+    import torch
+    import torch.nn.functional as F
+
+    spec = importlib.util.spec_from_file_location("llama_example", EXAMPLES / "llama" / "model.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "LOSS_CHUNK", 7)  # 46 rows: 6 full chunks and a short one
+    for dtype, tol in ((torch.float32, 1e-6), (torch.bfloat16, 1e-2)):
+        logits = torch.randn(2, 23, 50, dtype=dtype, requires_grad=True)
+        loss = mod.loss_fn(logits)
+        (got,) = torch.autograd.grad(loss, logits)
+        labels = torch.randint(50, (46,), generator=torch.Generator().manual_seed(1))
+        want_loss = F.cross_entropy(logits.reshape(-1, 50).float(), labels)
+        (want,) = torch.autograd.grad(want_loss, logits)
+        torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * 1e-2)
