@@ -18,6 +18,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import weakref
 
 import pytest
@@ -762,3 +763,19 @@ def test_an_idle_arena_is_let_go_before_the_next_is_made(fresh):
     fresh.let_go_idle_arena()
     assert gone() is None and fresh.arenas == []
 
+
+
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next(tmp_path):
+    """torch's extension builder waits without end while its build folder holds ``lock``; a
+    killed build leaves it. An old one is removed, with a warning; a fresh one (a build
+    running now in another process) is left alone."""
+    lock = tmp_path / "lock"
+    lock.touch()
+    allocator._clear_stale_lock(lock)
+    assert lock.exists()  # fresh: another build may hold it
+    old = time.time() - 2 * allocator.STALE_LOCK_S
+    os.utime(lock, (old, old))
+    with pytest.warns(UserWarning, match="did not finish"):
+        allocator._clear_stale_lock(lock)
+    assert not lock.exists()
+    allocator._clear_stale_lock(lock)  # none: nothing to do

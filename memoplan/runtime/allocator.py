@@ -56,6 +56,7 @@ import glob
 import os
 import re
 import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -183,6 +184,7 @@ def build(*, host_backend: bool = False) -> Path:
     name = f"memoplan_plan_allocator_{'host' if host_backend else 'cuda'}"
     folder = cache_dir() / f"{name}_torch{torch.__version__}"
     folder.mkdir(parents=True, exist_ok=True)
+    _clear_stale_lock(folder / "lock")
     try:
         path = cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=cflags,
                                   extra_include_paths=includes, extra_ldflags=ldflags,
@@ -193,6 +195,23 @@ def build(*, host_backend: bool = False) -> Path:
                             f"{str(e).strip()[-1500:]}\nRun without install_allocator(), or "
                             f"fix the compiler set-up.") from e
     return Path(path)
+
+
+STALE_LOCK_S = 600  # a build takes under a minute: a lock older than this was left behind
+
+
+def _clear_stale_lock(lock: Path) -> None:
+    """torch's extension builder waits, without end and without a word, while its build
+    folder's ``lock`` file exists; a build that was killed (Ctrl-C, a job's time limit) leaves
+    it behind. Remove one older than `STALE_LOCK_S`, saying so."""
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_S:
+        warnings.warn(f"memoplan: removing {lock}, left {age / 60:.0f} min ago by a build of the "
+                      f"planned allocator that did not finish", stacklevel=3)
+        lock.unlink(missing_ok=True)
 
 
 class PlanAllocator:
