@@ -171,7 +171,7 @@ def _ring_forward(kernel: str, group: Any, q: torch.Tensor, k: torch.Tensor, v: 
     """(out, logsumexp, what the kernel's backward needs besides q, k, v, out, logsumexp) of
     causal attention over the ring, as torch's context-parallel dispatcher runs each kernel
     (``_scaled_dot_product_ring_*_attention`` in ``_context_parallel/_attention.py``)."""
-    from memoplan.runtime.ring import engine
+    from memoplan.runtime.ring import LSE_PAD, efficient_tokens_multiple, engine
 
     cp, aten = engine(), torch.ops.aten
     if kernel == "cpu":
@@ -192,12 +192,12 @@ def _ring_forward(kernel: str, group: Any, q: torch.Tensor, k: torch.Tensor, v: 
     # merge (and, load-balanced, its halving) would broadcast against the output: refused
     # before any collective (every rank of the ring holds as many tokens)
     local = q.shape[_RING_SEQ]
-    need = 64 if cp._cp_options.enable_load_balance else 32
+    need = efficient_tokens_multiple(cp._cp_options.enable_load_balance, causal=True)
     if local % need:
         raise RuntimeError(
             f"ring_sdpa: float32 attention on CUDA runs memory-efficient attention, whose "
-            f"logsumexp is padded to a multiple of 32 tokens; the ring needs a multiple of {need} "
-            f"tokens per rank, this rank holds {local}. Use a length that splits so, or "
+            f"logsumexp is padded to a multiple of {LSE_PAD} tokens; the ring needs a multiple of "
+            f"{need} tokens per rank, this rank holds {local}. Use a length that splits so, or "
             f"bfloat16/float16 (flash attention)")
     out, lse, seed, offset = cp._templated_ring_attention(
         group, _RING_SEQ, aten._scaled_dot_product_efficient_attention.default, q, k, v,

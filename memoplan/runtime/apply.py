@@ -39,7 +39,7 @@ from memoplan.runtime.arena import Arena
 from memoplan.runtime.execute import LayerState, backward_layer, forward_layer, prefetch_layer
 from memoplan.runtime.ring import RingAttention, cp_group
 from memoplan.runtime.program import OUTPUT, LayerProgram, PassedThrough, build_program
-from memoplan.runtime.streams import ALIGN, Copier, modified_in_place
+from memoplan.runtime.streams import ALIGN, Copier, modified_in_place, nccl_device
 from memoplan.signature import layer_class_name, layer_signature
 from memoplan.trace.cache import without_cache
 
@@ -286,25 +286,12 @@ def apply(model: torch.nn.Module, plan: Plan, *, debug_poison: bool = False,
     if any(l.mode == "offload" for l in plan.layers):
         if any(p.is_cuda for p in model.parameters()):
             prepare(model)  # pin the host slab now, not in the first step
-        elif (gpu := _nccl_device()) is not None:
+        elif (gpu := nccl_device()) is not None:
             # a model not on its GPU yet (meta init, to_empty after fully_shard) in an NCCL
             # job: pin now too, where every rank is, and not inside the first forward, between
             # FSDP's and the ring's collectives
             prepare(model, device=gpu)
     return model
-
-
-def _nccl_device() -> torch.device | None:
-    """This rank's GPU when torch.distributed runs over NCCL (the device the default group is
-    bound to, else the current one), else None."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and torch.cuda.is_available()):
-        return None
-    if "nccl" not in str(dist.get_backend()).lower():
-        return None
-    bound = getattr(dist.distributed_c10d._get_default_group(), "bound_device_id", None)
-    return bound if bound is not None else torch.device("cuda", torch.cuda.current_device())
 
 
 def plan_digest(plan: Plan) -> str:

@@ -58,6 +58,13 @@ EFFICIENT = (aten._scaled_dot_product_efficient_attention.default,
 LSE_PAD = 32
 
 
+def efficient_tokens_multiple(load_balance: bool, causal: bool) -> int:
+    """The tokens per rank memory-efficient attention needs under the ring: its logsumexp is
+    padded to a multiple of `LSE_PAD` tokens, which the merge broadcasts against the output,
+    and load-balanced causal attention halves the queries (and that logsumexp)."""
+    return 2 * LSE_PAD if load_balance and causal else LSE_PAD
+
+
 def engine() -> Any:
     """torch's ring-attention module (private)."""
     try:  # torch >= 2.9
@@ -161,7 +168,7 @@ class RingAttention:
             return
         from memoplan.trace.replay import where
 
-        need = 2 * LSE_PAD if self.load_balance and causal else LSE_PAD
+        need = efficient_tokens_multiple(self.load_balance, causal)
         if tokens % need:
             layer = f"Layer '{layer_name}' runs" if layer_name else "This layer runs"
             raise MemoplanError(

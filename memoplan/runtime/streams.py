@@ -359,6 +359,19 @@ def _clear_cuda_error() -> None:
             ctypes.CDLL(lib).cudaGetLastError()
 
 
+def nccl_device() -> torch.device | None:
+    """This rank's GPU when torch.distributed runs over NCCL (alone or beside gloo): the device
+    the default group is bound to, else the current one; None otherwise."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and torch.cuda.is_available()):
+        return None
+    if "nccl" not in str(dist.get_backend()).lower():
+        return None
+    bound = getattr(dist.distributed_c10d._get_default_group(), "bound_device_id", None)
+    return bound if bound is not None else torch.device("cuda", torch.cuda.current_device())
+
+
 def _agreement_device(device: torch.device | None = None) -> torch.device:
     """Where the default process group reduces a tensor: on the CPU for gloo (also a mixed
     'cpu:gloo,cuda:nccl' group), for NCCL on this rank's GPU: ``device`` (the slab's) when it
@@ -371,8 +384,7 @@ def _agreement_device(device: torch.device | None = None) -> torch.device:
         return torch.device("cpu")
     if device is not None and device.type == "cuda" and device.index is not None:
         return device
-    bound = getattr(dist.distributed_c10d._get_default_group(), "bound_device_id", None)
-    return bound if bound is not None else torch.device("cuda", torch.cuda.current_device())
+    return nccl_device()
 
 
 def agree_on_slabs(failure: BaseException | None, nbytes: int,
