@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import sys
 import time
 
 import pytest
@@ -107,7 +108,7 @@ def test_optimum_equal_to_the_lower_bound_is_returned_without_a_mip(monkeypatch)
     def must_not_build(*args, **kwargs):
         raise AssertionError("the MIP was built although greedy meets the lower bound")
 
-    monkeypatch.setattr(mip_dsa, "_build_model", must_not_build)
+    monkeypatch.setattr(mip_dsa, "_run_cbc", must_not_build)
     result = solve_mip(blocks, time_limit=5)
 
     check_placement(blocks, result)
@@ -305,12 +306,47 @@ def test_a_limit_spent_on_building_the_model_falls_back_to_greedy():
 def test_no_plan_from_cbc_falls_back_to_greedy(monkeypatch):
     monkeypatch.setattr(mip_dsa.mip.Model, "optimize",
                         lambda self, **kw: mip_dsa.mip.OptimizationStatus.NO_SOLUTION_FOUND)
+    problem = mip_dsa._problem(CHAIN, 1)
+    start = mip_dsa._start_plan(problem, CHAIN, None)
+    ended = mip_dsa.cbc_in_this_process(problem, start, time.time() + 5)  # what the worker runs
+    assert (ended.status, ended.offsets) == ("NO_SOLUTION_FOUND", None)
+    monkeypatch.setattr(mip_dsa, "_run_cbc", lambda *a, **k: ended)
 
     result = solve_mip(CHAIN, time_limit=5, search=False)
 
     check_placement(CHAIN, result)
     assert (result.status, result.peak, result.gap) == ("greedy-fallback", 4, 0.25)
     assert "CBC ended with NO_SOLUTION_FOUND" in result.note
+
+
+@pytest.mark.parametrize("child, why", [
+    ("import os; os.abort()", "CBC crashed (signal SIGABRT)"),  # what CBC did, 1 run in 6
+    ("import sys; sys.exit(3)", "CBC crashed (exit code 3)"),
+    ("print('not a result')", "no readable result"),
+    ("import time; time.sleep(30)", "CBC did not stop within"),
+])
+def test_cbc_dying_or_hanging_in_its_process_keeps_the_plan_so_far(monkeypatch, child, why):
+    """CBC runs in a process of its own: when it dies of a signal (seen: SIGABRT from a fault in
+    its preprocessing when its time ran out, which used to end the whole process, pytest with
+    it), exits, prints garbage or hangs, the caller gets the plan so far and a note."""
+    monkeypatch.setattr(mip_dsa, "_worker_command", lambda: [sys.executable, "-c", child])
+    monkeypatch.setattr(mip_dsa, "CBC_GRACE", 1.0)
+
+    result = solve_mip(CHAIN, time_limit=2, search=False)
+
+    check_placement(CHAIN, result)
+    assert (result.status, result.peak, result.method) == ("greedy-fallback", 4, "greedy")
+    assert why in result.note and "plan so far kept" in result.note
+
+
+def test_cbc_runs_in_another_process_and_its_plan_comes_back(monkeypatch):
+    monkeypatch.setattr(mip_dsa, "cbc_in_this_process",
+                        lambda *a: pytest.fail("CBC ran in the caller's process"))
+
+    result = solve_mip(CHAIN, time_limit=20, search=False)  # greedy: 4
+
+    check_placement(CHAIN, result)
+    assert (result.peak, result.method, result.status) == (3, "mip", "optimal")
 
 
 # --- order search, hole bound, best fit, level-2 starts ---------------------------------------
@@ -356,7 +392,7 @@ def test_the_hole_bound_counts_holes_nothing_can_fill_and_proves_the_optimum(mon
     assert brute_force_optimum(HOLES) == 16
     assert hole_bound(CHAIN) == lower_bound(CHAIN)  # nothing grows
 
-    monkeypatch.setattr(mip_dsa, "_build_model", lambda *a, **k: pytest.fail("MIP built"))
+    monkeypatch.setattr(mip_dsa, "_run_cbc", lambda *a, **k: pytest.fail("MIP built"))
     result = solve_mip(HOLES, time_limit=10)
 
     check_placement(HOLES, result)

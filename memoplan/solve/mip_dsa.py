@@ -24,22 +24,31 @@ The stages, each skipped once the plan meets LB (then it is optimal, and the res
 says what was skipped and why): the start plan; the order search (`SEARCH_SHARE` of the time
 limit), which on level 2's traces finds what CBC does not; CBC on the rest of the time.
 
+CBC runs in a process of its own (``_cbc_worker``): it is native code that can die of a signal,
+and that must not end the caller's process (`_run_cbc`).
+
 Status of the result: "optimal" (proved, or the plan met the lower bound), "feasible"
 (time limit hit; ``gap`` says how far the bound is), or "greedy-fallback" (CBC gave nothing
-usable, the start plan is returned). ``method`` is "mip" when the offsets come from CBC,
-"search" when from the order search, else the start plan's method ("greedy" or the warm
-start's). ``stages`` gives the peak after each stage that ran.
+usable, crashed or hung: the plan so far is returned and the note says why). ``method`` is
+"mip" when the offsets come from CBC, "search" when from the order search, else the start
+plan's method ("greedy" or the warm start's). ``stages`` gives the peak after each stage that ran.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+import pickle
 import re
+import signal
+import subprocess
+import sys
 import time
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from functools import reduce
 from itertools import accumulate
 
@@ -75,6 +84,7 @@ SPLIT_BINARY_PAIRS = 8000  # more overlapping pairs than this: two binaries per 
 # time left, the rest covers its overrun.
 CBC_SHARE = 0.8
 SEARCH_SHARE = 0.5  # of the time limit, for the order search before CBC
+CBC_GRACE = 60.0  # seconds past its limit before CBC's process is taken for hung and killed
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,6 +111,15 @@ class _Start:
     offsets: dict[BlockId, int]  # units
     peak: int  # units
     method: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class _CbcResult:
+    """What CBC ended with, as its process hands it back."""
+
+    status: str  # mip.OptimizationStatus's name
+    offsets: dict[BlockId, int] | None  # units, the free blocks' (None: no plan)
+    objective_bound: float  # units
 
 
 def solve_mip(
@@ -162,16 +181,11 @@ def solve_mip(
                     MIP_MISSING)
         return _fallback(blocks, problem, start, began, stages,
                          "python-mip cannot be imported: plan so far kept, no MIP")
-    built = _build_model(problem, start, deadline=began + time_limit)
-    remaining = began + time_limit - time.perf_counter()
-    if built is None or remaining <= 0:
-        log.warning("solve_mip: building the model used the whole %.1f s limit", time_limit)
-        return _fallback(blocks, problem, start, began, stages,
-                         "building the MIP used the whole time limit: plan so far kept")
-    model, offsets = built
-    status = model.optimize(max_seconds=CBC_SHARE * remaining)
-    placement, bound = _read_result(blocks, problem, start, model, status, offsets, began,
-                                    stages)
+    result = _run_cbc(problem, start, seconds=began + time_limit - time.perf_counter())
+    if isinstance(result, str):
+        log.warning("solve_mip: %s", result)
+        return _fallback(blocks, problem, start, began, stages, result)
+    placement, bound = _read_result(blocks, problem, start, result, began, stages)
     if on_progress is not None:
         on_progress(placement.peak, bound * problem.unit)
     return placement
@@ -530,13 +544,70 @@ def _start_values(
     return values
 
 
+def _run_cbc(problem: _Problem, start: _Start, *, seconds: float) -> _CbcResult | str:
+    """CBC on the model of `problem`, warm-started from `start`, within `seconds` (building
+    the model included), in a process of its own (``memoplan.solve._cbc_worker``); a string
+    saying why there is no result when there is none.
+
+    CBC is native code and can die of a signal: seen here, SIGABRT from its crash handler
+    after a fault in ``CglPreProcess::postProcess`` when its time ran out in preprocessing,
+    1 run in 6 on llama7b's level 2 at 2-3 s. In this process that would end the user's
+    `memoplan solve` (or their script, or a test run) with no plan; in its own, the plan so far
+    is kept and the note says what happened."""
+    if seconds <= 0:
+        return "building the MIP used the whole time limit: plan so far kept"
+    payload = pickle.dumps((problem, start, time.time() + seconds))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH"))
+        if p)}  # this memoplan, whichever is installed
+    wait = max(2 * seconds, seconds + CBC_GRACE)  # CBC overruns its limit a little
+    try:
+        done = subprocess.run(_worker_command(), input=payload, capture_output=True,
+                              timeout=wait, env=env)
+    except subprocess.TimeoutExpired:
+        return f"CBC did not stop within {wait:.0f} s of its {seconds:.1f} s limit: killed, " \
+               f"plan so far kept"
+    if done.returncode != 0:
+        why = (f"signal {signal.Signals(-done.returncode).name}" if done.returncode < 0
+               else f"exit code {done.returncode}")
+        log.debug("CBC's process printed: %s", done.stderr.decode(errors="replace")[-2000:])
+        return f"CBC crashed ({why}): plan so far kept"
+    try:
+        result = pickle.loads(done.stdout)
+    except Exception:  # noqa: BLE001  (anything unreadable is no result)
+        return "CBC's process handed back no readable result: plan so far kept"
+    return result if isinstance(result, _CbcResult | str) else \
+        "CBC's process handed back no readable result: plan so far kept"
+
+
+def _worker_command() -> list[str]:
+    """The command that runs `cbc_in_this_process` on a pickled (problem, start, deadline)."""
+    return [sys.executable, "-m", "memoplan.solve._cbc_worker"]
+
+
+def cbc_in_this_process(problem: _Problem, start: _Start, deadline: float) -> _CbcResult | str:
+    """Build the model and run CBC until `deadline` (``time.time()``), in this process: what
+    ``_cbc_worker`` runs (`_run_cbc` says why not in the caller's process). CBC gets
+    `CBC_SHARE` of the time the build leaves, as it overruns its limit."""
+    began = time.perf_counter()
+    seconds = deadline - time.time()
+    built = _build_model(problem, start, deadline=began + seconds)
+    remaining = began + seconds - time.perf_counter()
+    if built is None or remaining <= 0:
+        return "building the MIP used the whole time limit: plan so far kept"
+    model, offsets = built
+    status = model.optimize(max_seconds=CBC_SHARE * remaining)
+    found = None
+    if status in (mip.OptimizationStatus.OPTIMAL, mip.OptimizationStatus.FEASIBLE):
+        found = {block_id: round(var.x) for block_id, var in offsets.items()}
+    return _CbcResult(status=status.name, offsets=found, objective_bound=model.objective_bound)
+
+
 def _read_result(
     blocks: list[Block],
     problem: _Problem,
     start: _Start,
-    model: mip.Model,
-    status: mip.OptimizationStatus,
-    offsets: dict[BlockId, mip.Var],
+    result: _CbcResult,
     began: float,
     stages: list[tuple[str, int, float]],
 ) -> tuple[Placement, int]:
@@ -544,13 +615,14 @@ def _read_result(
 
     The start plan, marked "greedy-fallback", when CBC returned no usable plan.
     """
-    if status not in (mip.OptimizationStatus.OPTIMAL, mip.OptimizationStatus.FEASIBLE):
-        log.warning("solve_mip: CBC ended with %s and no plan; keeping the start plan", status)
+    if result.offsets is None:
+        log.warning("solve_mip: CBC ended with %s and no plan; keeping the start plan",
+                    result.status)
         return _fallback(blocks, problem, start, began, stages,
-                         f"CBC ended with {status.name} and no plan: plan so far kept"
+                         f"CBC ended with {result.status} and no plan: plan so far kept"
                          ), problem.bound
     found = dict(start.offsets)
-    found.update({block_id: round(var.x) for block_id, var in offsets.items()})
+    found.update(result.offsets)
     clash = _first_clash(problem.blocks, found)
     if clash is not None or min(found.values(), default=0) < 0:
         log.warning("solve_mip: CBC's plan is invalid (clash %s); keeping the start plan", clash)
@@ -560,8 +632,8 @@ def _read_result(
     best, best_peak, method = start.offsets, start.peak, start.method
     if found_peak < start.peak:
         best, best_peak, method = found, found_peak, "mip"
-    bound = max(problem.bound, math.ceil(model.objective_bound - 1e-6))
-    if status == mip.OptimizationStatus.OPTIMAL:
+    bound = max(problem.bound, math.ceil(result.objective_bound - 1e-6))
+    if result.status == "OPTIMAL":
         bound = max(bound, found_peak)
     bound = min(bound, best_peak)
     gap = (best_peak - bound) / best_peak
