@@ -201,7 +201,18 @@ def main() -> None:
         f"`stacked` start) level 2 ends at the live total with every tensor at its full size; "
         f"the order search nests other blocks into the holes. The hole bound is what no "
         f"nesting can avoid at a single step; across steps more can be unavoidable, so a level "
-        f"above it is not proved suboptimal.\n\n"
+        f"above it is not proved suboptimal. For one tensor per layer it is provably loose: "
+        f"below a peak of 2N (N its whole size) each layer's copied tokens must lie below the "
+        f"next layer's whole tensor, so they climb by the head a layer and the peak is "
+        f"min(2N, N + (layers - 1) x head), two whole tensors stacked once the chain has "
+        f"1 + tail / head layers, where the hole bound says N + head (tests/test_dsa.py, "
+        f"`test_a_chain_of_split_tensors_needs_two_whole_tensors_however_the_holes_are_nested`:"
+        f" brute force and CBC agree). With several tensors per layer a smaller one fits in a "
+        f"larger one's hole, but a layout that repeats every two layers cannot put it there: "
+        f"the same slot two layers on holds that smaller tensor's copied tokens while the "
+        f"larger one around it is whole. The 7B rows above "
+        f"the hole bound sit at the `stacked` start, whose backward holds two whole layers, "
+        f"and whether that is optimal there is not proved.\n\n"
         + "\n".join(header + [render(r) for r in rows]) + "\n\n" + "\n".join(lines) + "\n")
     print(f"wrote {args.out}")
 

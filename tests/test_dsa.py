@@ -399,6 +399,35 @@ def test_the_hole_bound_counts_holes_nothing_can_fill_and_proves_the_optimum(mon
     assert (result.peak, result.status, result.gap) == (16, "optimal", 0.0)
 
 
+def split_chain(layers: int, head: int, tail: int) -> list[Block]:
+    """One split tensor per layer as level 2 has them in the backward (``levels``): layer k's
+    copied tokens (`head` bytes) arrive while layer k+1 runs its backward, with its tokens all
+    there (grown), and grow by the recomputed ones (`tail`) once layer k+1 is done."""
+    return [Block(id=f"split[{k}]", size=head, start=2 * (layers - 1 - k),
+                  end=2 * (layers - k) + 2, grow=tail, grow_at=2 * (layers - k))
+            for k in range(layers)]
+
+
+@pytest.mark.parametrize("layers, optimum", [(2, 4), (3, 5), (4, 6), (5, 6)])
+def test_a_chain_of_split_tensors_needs_two_whole_tensors_however_the_holes_are_nested(
+        layers, optimum):
+    """Why level 2's iterations on the 7B profiles stay above the hole bound: it is not tight
+    for chains. At every step one tensor is whole (N = head + tail) and the next holds its
+    head, and the head's hole may take the whole one: per step N + head is enough (the hole
+    bound). Across steps it is not: below a peak of 2N no tensor fits above a whole one, so
+    each head lies below the whole tensor it meets, and the heads climb by `head` a layer:
+    the peak is min(2N, N + (layers - 1) * head), reached by stacking two whole tensors (what
+    the ``stacked`` level-2 start does) once the chain has 1 + tail / head layers."""
+    chain = split_chain(layers, head=1, tail=2)
+    assert hole_bound(chain) == lower_bound(chain) == 4
+    assert brute_force_optimum(chain) == optimum == min(2 * 3, 3 + (layers - 1) * 1)
+
+    result = solve_mip(chain, time_limit=20)
+
+    check_placement(chain, result)
+    assert (result.peak, result.status) == (optimum, "optimal")  # CBC proves what the bound can't
+
+
 def test_solver_notes_say_what_ran():
     at_bound = solve_mip([block("a", 4, 0, 2), block("b", 4, 1, 3)], time_limit=5)
     assert at_bound.note == "greedy meets the lower bound (8 B): no search, no MIP"
