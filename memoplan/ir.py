@@ -512,8 +512,9 @@ class LevelPlan:
     seconds: float
     # growing blocks (solve.dsa.Block.grow): id -> (extra bytes right after `sizes`, from step)
     grows: dict[str, tuple[int, int]] = field(default_factory=dict)
-    # where the offsets come from ("greedy", "phase-ordered", "stacked", "search", "mip") and
-    # what the solver ran and skipped, and why (solve.dsa.Placement.note); "" in older plans
+    # where the offsets come from ("greedy", "phase-ordered", "stacked", "folded", "search",
+    # "mip") and what the solver ran and skipped, and why (solve.dsa.Placement.note); "" in
+    # older plans
     method: str = ""
     note: str = ""
 

@@ -12,7 +12,8 @@ overlap must not overlap in address. Here:
   the warm start of the MIP in `mip_dsa`; `greedy_offsets`, `lowest_fit`, `first_fit` and
   `peak_of` are its parts, shared with the MIP;
 - `search_orders`: iterated local search over the order in which blocks are placed first-fit,
-  the step `mip_dsa` runs between its start plan and CBC;
+  the step `mip_dsa` runs between its start plan and CBC; `search_folded`, the same search
+  where blocks with the same key share an offset (level 2's layers, folded by a period);
 - `simulate_best_fit`: an online best-fit allocator on one arena (a baseline).
 
 Lifetimes are half-open: a block freed at step ``j`` and one malloc'ed at step ``j`` may share
@@ -31,7 +32,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from memoplan.errors import MemoplanError
@@ -405,58 +406,115 @@ def search_orders(blocks: Sequence[Block], offsets: dict[BlockId, int], *, targe
     result = {b.id: 0 for b in blocks}
     if len(live) < 2:
         return {**result, **{b.id: offsets[b.id] for b in live}}
-    fit = _FirstFit(live)
     order = sorted(range(len(live)), key=lambda i: (offsets[live[i].id], -live[i].top, i))
-    placed: list[int | None] = [None] * len(live)
-    peak = fit.place(order, placed, 0, math.inf)
-    best, best_order, best_placed = peak, order, placed
-    rng = random.Random(seed)
-    evals = since_lower = since_best = 0
-    n = len(live)
-    while best > target and evals < max_evals and since_best < SEARCH_PATIENCE \
-            and time.perf_counter() < deadline:
-        if since_lower >= SEARCH_STALL:
-            order = list(best_order)
-            for _ in range(SEARCH_KICK):
-                order.insert(rng.randrange(n), order.pop(rng.randrange(n)))
-            placed = [None] * n
-            peak = fit.place(order, placed, 0, math.inf)
-            since_lower = 0
-        i, j = rng.randrange(n), rng.randrange(n - 1)
-        j += j >= i  # another place
-        trial_order = list(order)
-        trial_order.insert(j, trial_order.pop(i))
-        trial = list(placed)
-        trial_peak = fit.place(trial_order, trial, min(i, j), peak)
-        evals += 1
-        since_lower += 1
-        since_best += 1
-        if trial_peak is None:
-            continue
-        if trial_peak < peak:
-            since_lower = 0
-        order, placed, peak = trial_order, trial, trial_peak
-        if peak < best:
-            best, best_order, best_placed, since_best = peak, order, placed, 0
-    result.update({b.id: best_placed[i] for i, b in enumerate(live)})
+    placed = _FirstFit.of(live).search(order, target=target, deadline=deadline,
+                                       max_evals=max_evals, seed=seed)
+    result.update({b.id: placed[i] for i, b in enumerate(live)})
     return result
 
 
-class _FirstFit:
-    """First-fit placement of blocks (none trivial) by index, with each block's conflicts
-    (blocks live at a common step, and the bytes each holds then) worked out once."""
+def search_folded(blocks: Sequence[Block], key: Callable[[Block], object], *, target: int,
+                  deadline: float, first: Callable[[Block], bool] | None = None,
+                  seed: int = 0) -> dict[BlockId, int] | None:
+    """A valid plan in which the blocks with the same `key` share one offset, found by
+    `search_orders`' search on the folded instance; None when two blocks with the same key are
+    live at a common step (they cannot share an offset).
 
-    def __init__(self, blocks: list[Block]) -> None:
-        self.top = [b.top for b in blocks]
-        self.conflicts: list[list[tuple[int, int, int]]] = [[] for _ in blocks]
-        live: list[int] = []
-        for j in sorted(range(len(blocks)), key=lambda i: blocks[i].start):
-            live = [i for i in live if blocks[i].end > blocks[j].start]
-            for i in live:
-                a, b = blocks[i], blocks[j]
-                self.conflicts[i].append((j, a.reach(b), b.reach(a)))
-                self.conflicts[j].append((i, b.reach(a), a.reach(b)))
-            live.append(j)
+    The folded instance has one block per key, as large as its largest member, conflicting
+    with another wherever a member of each conflict (with the most bytes either member holds
+    then): any placement of it is valid for every member. Level 2's iteration repeats with its
+    layers, so folding its layers by index modulo a period turns hundreds of blocks into a
+    period's worth (``levels.folded``), where the search finds layouts it does not find in the
+    whole (split tensors nested in another layer's holes, the pattern repeating every few
+    layers).
+
+    With `first`, the keys of the blocks it picks are searched alone first (`FOLD_FIRST_SHARE`
+    of the time) and kept where they are while the rest are searched around them: level 2's
+    backward, where the holes are, gets the search's attention before the forward, which a
+    folding meets easily, and whose blocks never meet the backward's."""
+    live = [b for b in blocks if not b.is_trivial]
+    folded = _fold(live, key)
+    if folded is None:
+        return None
+    of, fit = folded
+    by_size = sorted(range(len(fit.top)), key=lambda k: (-fit.top[k], k))  # greedy's order
+    order, frozen = by_size, 0
+    if first is not None:
+        early = sorted({k for b, k in zip(live, of, strict=True) if first(b)})
+        share = FOLD_FIRST_SHARE * (deadline - time.perf_counter())
+        sub = fit.restricted(early)
+        offsets = sub.search(sorted(range(len(early)), key=lambda k: (-sub.top[k], k)),
+                             target=target, deadline=time.perf_counter() + share, seed=seed)
+        chosen = set(early)
+        order = [early[k] for k in sorted(range(len(early)), key=lambda k: offsets[k])] + \
+            [k for k in by_size if k not in chosen]
+        frozen = len(early)
+    placed = fit.search(order, target=target, deadline=deadline, seed=seed, frozen=frozen)
+    result = {b.id: 0 for b in blocks}
+    result.update({b.id: placed[k] for b, k in zip(live, of, strict=True)})
+    return result
+
+
+FOLD_FIRST_SHARE = 0.6  # of `search_folded`'s time, for the blocks it places first
+
+
+def _fold(live: list[Block], key: Callable[[Block], object]) -> tuple[list[int], _FirstFit] | None:
+    """Each block's key index, and the folded instance (`search_folded`); None when two blocks
+    with the same key are live at a common step."""
+    keys: dict[object, int] = {}
+    of = [keys.setdefault(key(b), len(keys)) for b in live]
+    tops = [0] * len(keys)
+    for b, k in zip(live, of, strict=True):
+        tops[k] = max(tops[k], b.top)
+    bytes_held: dict[tuple[int, int], tuple[int, int]] = {}
+    for i, j in _conflicts(live):
+        a, b, u, v = live[i], live[j], of[i], of[j]
+        if u == v:
+            return None
+        for x, y, low, high in ((u, v, a.reach(b), b.reach(a)), (v, u, b.reach(a), a.reach(b))):
+            held = bytes_held.get((x, y), (0, 0))
+            bytes_held[(x, y)] = (max(held[0], low), max(held[1], high))
+    conflicts: list[list[tuple[int, int, int]]] = [[] for _ in tops]
+    for (x, y), (low, high) in bytes_held.items():
+        conflicts[x].append((y, low, high))
+    return of, _FirstFit(tops, conflicts)
+
+
+def _conflicts(blocks: list[Block]) -> list[tuple[int, int]]:
+    """Index pairs (i, j) of blocks live at a common step."""
+    pairs = []
+    live: list[int] = []
+    for j in sorted(range(len(blocks)), key=lambda i: blocks[i].start):
+        live = [i for i in live if blocks[i].end > blocks[j].start]
+        pairs.extend((i, j) for i in live)
+        live.append(j)
+    return pairs
+
+
+class _FirstFit:
+    """First-fit placement of blocks by index, given each block's size (`tops`) and its
+    conflicts: (other block, bytes this one holds while both live, bytes the other holds)."""
+
+    def __init__(self, tops: list[int], conflicts: list[list[tuple[int, int, int]]]) -> None:
+        self.top = tops
+        self.conflicts = conflicts
+
+    @classmethod
+    def of(cls, blocks: list[Block]) -> _FirstFit:
+        """The blocks (none trivial) with their conflicts worked out once from lifetimes."""
+        conflicts: list[list[tuple[int, int, int]]] = [[] for _ in blocks]
+        for i, j in _conflicts(blocks):
+            a, b = blocks[i], blocks[j]
+            conflicts[i].append((j, a.reach(b), b.reach(a)))
+            conflicts[j].append((i, b.reach(a), a.reach(b)))
+        return cls([b.top for b in blocks], conflicts)
+
+    def restricted(self, indices: list[int]) -> _FirstFit:
+        """The blocks `indices` alone (renumbered in that order), their conflicts among them."""
+        at = {i: k for k, i in enumerate(indices)}
+        return _FirstFit([self.top[i] for i in indices],
+                         [[(at[j], low, high) for j, low, high in self.conflicts[i] if j in at]
+                          for i in indices])
 
     def place(self, order: list[int], offsets: list[int | None], first: int,
               limit: float) -> int | None:
@@ -478,6 +536,44 @@ class _FirstFit:
             if peak > limit:
                 return None
         return peak
+
+    def search(self, order: list[int], *, target: int, deadline: float,
+               max_evals: int = 10**6, seed: int = 0, frozen: int = 0) -> list[int]:
+        """The offsets of the best first-fit order found from `order` (see `search_orders`),
+        which keeps ``order[:frozen]`` where it is."""
+        n = len(self.top)
+        placed: list[int | None] = [None] * n
+        peak = self.place(order, placed, 0, math.inf)
+        best, best_order, best_placed = peak, order, placed
+        rng = random.Random(seed)
+        evals = since_lower = since_best = 0
+        while n - frozen > 1 and best > target and evals < max_evals \
+                and since_best < SEARCH_PATIENCE and time.perf_counter() < deadline:
+            if since_lower >= SEARCH_STALL:
+                order = list(best_order)
+                for _ in range(SEARCH_KICK):
+                    order.insert(frozen + rng.randrange(n - frozen),
+                                 order.pop(frozen + rng.randrange(n - frozen)))
+                placed = [None] * n
+                peak = self.place(order, placed, 0, math.inf)
+                since_lower = 0
+            i, j = rng.randrange(frozen, n), rng.randrange(frozen, n - 1)
+            j += j >= i  # another place
+            trial_order = list(order)
+            trial_order.insert(j, trial_order.pop(i))
+            trial = list(placed)
+            trial_peak = self.place(trial_order, trial, min(i, j), peak)
+            evals += 1
+            since_lower += 1
+            since_best += 1
+            if trial_peak is None:
+                continue
+            if trial_peak < peak:
+                since_lower = 0
+            order, placed, peak = trial_order, trial, trial_peak
+            if peak < best:
+                best, best_order, best_placed, since_best = peak, order, placed, 0
+        return best_placed
 
 
 def simulate_best_fit(blocks: Sequence[Block]) -> Placement:

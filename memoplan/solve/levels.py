@@ -40,14 +40,15 @@ the lower bound, no search and no MIP run (the placement's ``note`` says so).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 
 from memoplan.ir import LayerDecision, LevelPlan, Profile, Steps
 from memoplan.solve.caching_sim import simulate_caching_allocator
 from memoplan.solve.check import check_placement
 from memoplan.solve.config import SolveConfig
-from memoplan.solve.dsa import (Block, Placement, blocks_from_requests, first_fit, lower_bound,
-                                peak_of, solve_greedy)
+from memoplan.solve.dsa import (Block, Placement, blocks_from_requests, first_fit, hole_bound,
+                                lower_bound, peak_of, search_folded, solve_greedy)
 from memoplan.solve.mip_dsa import solve_mip
 from memoplan.solve.parallel import fsdp_headroom, ring_requests
 from memoplan.solve.swap import LayerBytes, aligned, per_gpu_bytes
@@ -233,13 +234,76 @@ def level2(layers: Sequence[LayerDecision], lb: LayerBytes, fwd: LevelPlan, bwd:
            cfg: SolveConfig, progress: Progress) -> LevelPlan:
     blocks = level2_blocks(layers, lb, fwd.peak, bwd.peak, cfg.align)
     kinds = {str(b.id): LEVEL2_KINDS[str(b.id).split("[")[0]] for b in blocks}
-    return solve_level(blocks, time_limit=cfg.time_limit, unit=cfg.align, name="level 2 iteration",
-                       kinds=kinds, progress=progress, starts=level2_starts(blocks, len(layers)))
+    began = time.perf_counter()
+    progress(f"folding level 2 ({len(blocks)} tensors) every few layers")
+    starts = level2_starts(blocks, len(layers), seconds=FOLD_SHARE * cfg.time_limit)
+    return solve_level(blocks, time_limit=cfg.time_limit - (time.perf_counter() - began),
+                       unit=cfg.align, name="level 2 iteration", kinds=kinds, progress=progress,
+                       starts=starts)
 
 
-def level2_starts(blocks: list[Block], layers: int) -> list[Placement | None]:
-    """Level 2's structured start plans (module docstring): `phase_ordered`, `stacked_splits`."""
-    return [phase_ordered(blocks, Steps(layers).head), stacked_splits(blocks)]
+FOLD_SHARE = 0.5  # of the time limit, for the folded starts; the solver gets the rest
+# (forward period, backward period) in layers, tried in turn; see `folded`
+FOLD_PERIODS = ((6, 3), (6, 4))
+FORWARD_KINDS = ("fwd", "hidden", "round")
+
+
+def level2_starts(blocks: list[Block], layers: int,
+                  seconds: float = 0.0) -> list[Placement | None]:
+    """Level 2's structured start plans (module docstring): `phase_ordered`, `stacked_splits`,
+    and in `seconds` the best of `folded` by each of `FOLD_PERIODS`."""
+    return [phase_ordered(blocks, Steps(layers).head), stacked_splits(blocks),
+            folded(blocks, layers, deadline=time.perf_counter() + seconds)]
+
+
+def folded(blocks: list[Block], layers: int, *, deadline: float) -> Placement | None:
+    """The iteration folded by layer (`dsa.search_folded`): a plan in which layer i's block of
+    each kind (and split tensor) sits where layer i + p's does, for the periods of
+    `FOLD_PERIODS` (p in the forward, another in the backward: they never meet) whose search
+    (an equal share of the time to `deadline`) ends lowest. The backward and what lives into
+    it are searched first. None when there is no time or no period below `layers`.
+
+    In the backward each layer's split tensors are whole while the layer before holds only
+    their copied tokens, with a hole after each. A hole can take a smaller tensor of the next
+    layer, but not in a layout that repeats every 2 layers: that slot holds the same smaller
+    tensor's copied tokens two layers on, while the larger one around it is whole again (and a
+    chain of one tensor per layer needs two whole tensors: tests/test_dsa.py). Over 3 or more
+    layers the pattern can rotate; on the whole iteration (hundreds of blocks) the order search
+    does not find such layouts in its time, on the folded one (a period's worth) it does. The
+    forward's rounding buffers alternate every 2 layers and its inputs every 3: 6 fits both.
+    Blocks that differ in size or growth (a kept or checkpointed layer, the last one, another
+    alpha) fold apart, with offsets of their own."""
+    live = [b for b in blocks if not b.is_trivial]
+    periods = [(pf, pb) for pf, pb in FOLD_PERIODS if pb < layers]
+    head = Steps(layers).head
+    began, target, best = time.perf_counter(), hole_bound(live), None
+    for n, (pf, pb) in enumerate(periods):
+        share = (deadline - time.perf_counter()) / (len(periods) - n)
+        if share <= 0:
+            break
+        offsets = search_folded(live, lambda b, pf=pf, pb=pb: _fold_key(b, pf, pb),
+                                target=target, deadline=time.perf_counter() + share,
+                                first=lambda b: b.end > head)
+        if offsets is None:
+            continue
+        peak = peak_of(live, offsets)
+        if best is None or peak < best.peak:
+            offsets.update({b.id: 0 for b in blocks if b.is_trivial})
+            best = Placement(offsets=offsets, peak=peak, lower_bound=lower_bound(live),
+                             method="folded", status="feasible", gap=0.0,
+                             seconds=time.perf_counter() - began,
+                             note=f"folded every {pf} layers in the forward, {pb} in the "
+                                  f"backward")
+    return best
+
+
+def _fold_key(block: Block, forward: int, backward: int) -> tuple:
+    """What a level-2 block shares an offset with when the layers fold (`folded`): its kind and
+    tensor, its layer modulo the period of its phase, its size and growth."""
+    name, _, tensor = str(block.id).partition(":")
+    kind, _, layer = name.rstrip("]").partition("[")
+    period = forward if kind in FORWARD_KINDS else backward
+    return kind, tensor, int(layer) % period, block.size, block.grow
 
 
 def phase_ordered(blocks: list[Block], head: int) -> Placement:
