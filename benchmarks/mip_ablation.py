@@ -110,7 +110,8 @@ def config_rows(name: str, seq: int, gpus: int, time_limit: float) -> list[dict]
     # as levels.level2: the folded starts take FOLD_SHARE of the limit, the solver the rest
     starts, fold_s = timed(level2_starts, blocks, len(decision.layers),
                            seconds=FOLD_SHARE * time_limit)
-    row, _ = level_row("iteration", blocks, time_limit - fold_s, cfg.align, starts)
+    row, _ = level_row("iteration", blocks, max(time_limit - fold_s, 0.1 * time_limit),
+                       cfg.align, starts)
     row["solver s"] += fold_s
     row["folded"] = starts[2].peak if starts[2] is not None else None
     rows.append(row)

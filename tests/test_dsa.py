@@ -324,7 +324,8 @@ def test_no_plan_from_cbc_falls_back_to_greedy(monkeypatch):
 
 @pytest.mark.parametrize("child, why", [
     ("import os; os.abort()", "CBC crashed (signal SIGABRT)"),  # what CBC did, 1 run in 6
-    ("import sys; sys.exit(3)", "CBC crashed (exit code 3)"),
+    ("import sys; sys.stderr.write('ImportError: no mip\\n'); sys.exit(3)",
+     "CBC's process failed (exit code 3: ImportError: no mip)"),
     ("print('not a result')", "no readable result"),
     ("import time; time.sleep(30)", "CBC did not stop within"),
 ])
@@ -340,6 +341,19 @@ def test_cbc_dying_or_hanging_in_its_process_keeps_the_plan_so_far(monkeypatch, 
     check_placement(CHAIN, result)
     assert (result.status, result.peak, result.method) == ("greedy-fallback", 4, "greedy")
     assert why in result.note and "plan so far kept" in result.note
+
+
+def test_cbcs_process_imports_nothing_from_the_callers_directory(monkeypatch, tmp_path):
+    """``python -m`` would put the current directory first on the worker's path: a
+    ``pickle.py`` or a ``mip/`` of the user's there turned CBC off."""
+    (tmp_path / "pickle.py").write_text("raise ImportError('the one in the current directory')\n")
+    (tmp_path / "mip").mkdir()
+    (tmp_path / "mip" / "__init__.py").write_text("raise ImportError('not python-mip')\n")
+    monkeypatch.chdir(tmp_path)
+
+    result = solve_mip(CHAIN, time_limit=20, search=False)
+
+    assert (result.peak, result.method, result.status) == (3, "mip", "optimal"), result.note
 
 
 def test_cbc_runs_in_another_process_and_its_plan_comes_back(monkeypatch):
@@ -496,7 +510,10 @@ def test_the_phase_ordered_start_stacks_the_blocks_that_span_forward_and_backwar
     assert phased.peak == hole_bound(blocks) == 97395 * 2**20 < solve_greedy(blocks).peak
     hidden = [phased.offsets[f"hidden[{i}]"] for i in range(2, layers)]
     assert hidden == sorted(hidden)  # each layer's input lies on the one before it
-    assert phased in level2_starts(blocks, layers)
+    began = time.perf_counter()
+    starts = level2_starts(blocks, layers, seconds=30)
+    assert phased in starts and starts[2] is None  # at the bound already: no folded search
+    assert time.perf_counter() - began < 10
     placement = solve_mip(blocks, time_limit=5, unit=512, warm_start=phased)
     assert (placement.peak, placement.method, placement.status) == (phased.peak,
                                                                     "phase-ordered", "optimal")
@@ -520,7 +537,7 @@ def test_folded_blocks_share_an_offset_and_keys_live_together_cannot_fold():
     check_placement(chain, plan(early, peak_of(chain, early), 4))
 
 
-def _llama7b_iteration(seq: int) -> tuple[list[Block], int]:
+def _llama7b_iteration(seq: int, keep_last: int | None = 1) -> tuple[list[Block], int]:
     """Level 2 of the stored Llama-7B profile on one H200 as solve builds it (the ablation's)."""
     import json
 
@@ -532,7 +549,7 @@ def _llama7b_iteration(seq: int) -> tuple[list[Block], int]:
 
     profile = Profile.from_json(json.loads((EXAMPLES / "profiles" / "llama7b.json").read_text()))
     cfg = SolveConfig(seq=seq, hardware=get_hardware("h200"), time_limit=2.0,
-                      state_bytes_per_param=4.0)
+                      state_bytes_per_param=4.0, keep_last=keep_last)
     peaks = {phase: solve_greedy(blocks_from_requests(level1_requests(profile, cfg, phase))).peak
              for phase in ("forward", "backward")}
     decision = decide_swaps(profile, cfg)
@@ -561,6 +578,11 @@ def test_folding_the_layers_nests_split_tensors_that_stacking_keeps_whole():
         shared.setdefault(_fold_key(b, forward, backward), set()).add(fold.offsets[b.id])
     assert all(len(offsets) == 1 for offsets in shared.values())
     assert len(shared) < len(blocks) // 4
+    # 8 layers kept: two kept inputs 6 layers apart live together, so blocks fold apart by
+    # lifetime too
+    blocks, layers = _llama7b_iteration(32 * 1024, keep_last=8)
+    kept = folded(blocks, layers, deadline=time.perf_counter() + 2)
+    check_placement(blocks, kept)
 
 
 # --- property tests -------------------------------------------------------------------------

@@ -438,18 +438,16 @@ def search_folded(blocks: Sequence[Block], key: Callable[[Block], object], *, ta
         return None
     of, fit = folded
     by_size = sorted(range(len(fit.top)), key=lambda k: (-fit.top[k], k))  # greedy's order
-    order, frozen = by_size, 0
+    order, fixed = by_size, {}
     if first is not None:
         early = sorted({k for b, k in zip(live, of, strict=True) if first(b)})
         share = FOLD_FIRST_SHARE * (deadline - time.perf_counter())
         sub = fit.restricted(early)
         offsets = sub.search(sorted(range(len(early)), key=lambda k: (-sub.top[k], k)),
                              target=target, deadline=time.perf_counter() + share, seed=seed)
-        chosen = set(early)
-        order = [early[k] for k in sorted(range(len(early)), key=lambda k: offsets[k])] + \
-            [k for k in by_size if k not in chosen]
-        frozen = len(early)
-    placed = fit.search(order, target=target, deadline=deadline, seed=seed, frozen=frozen)
+        fixed = {k: offsets[at] for at, k in enumerate(early)}
+        order = early + [k for k in by_size if k not in fixed]
+    placed = fit.search(order, target=target, deadline=deadline, seed=seed, fixed=fixed)
     result = {b.id: 0 for b in blocks}
     result.update({b.id: placed[k] for b, k in zip(live, of, strict=True)})
     return result
@@ -538,12 +536,17 @@ class _FirstFit:
         return peak
 
     def search(self, order: list[int], *, target: int, deadline: float,
-               max_evals: int = 10**6, seed: int = 0, frozen: int = 0) -> list[int]:
-        """The offsets of the best first-fit order found from `order` (see `search_orders`),
-        which keeps ``order[:frozen]`` where it is."""
+               max_evals: int = 10**6, seed: int = 0,
+               fixed: dict[int, int] | None = None) -> list[int]:
+        """The offsets of the best first-fit order found from `order` (see `search_orders`);
+        the blocks in `fixed` (the first ones in `order`) keep the offsets it gives them."""
         n = len(self.top)
-        placed: list[int | None] = [None] * n
-        peak = self.place(order, placed, 0, math.inf)
+        frozen = len(fixed or {})
+        base: list[int | None] = [None] * n
+        for i, offset in (fixed or {}).items():
+            base[i] = offset
+        placed = list(base)
+        peak = self.place(order, placed, frozen, math.inf)
         best, best_order, best_placed = peak, order, placed
         rng = random.Random(seed)
         evals = since_lower = since_best = 0
@@ -554,8 +557,8 @@ class _FirstFit:
                 for _ in range(SEARCH_KICK):
                     order.insert(frozen + rng.randrange(n - frozen),
                                  order.pop(frozen + rng.randrange(n - frozen)))
-                placed = [None] * n
-                peak = self.place(order, placed, 0, math.inf)
+                placed = list(base)
+                peak = self.place(order, placed, frozen, math.inf)
                 since_lower = 0
             i, j = rng.randrange(frozen, n), rng.randrange(frozen, n - 1)
             j += j >= i  # another place

@@ -30,11 +30,13 @@ come from PyTorch's allocator beside the arena: the plan budgets them as ``pool_
 ``solve.mip_dsa`` (`place_level`), checked by the independent checker, and compared with
 greedy-by-size and a simulation of PyTorch's caching allocator on the same blocks.
 
-Level 2 starts from the best of greedy-by-size and two placements built from its structure
+Level 2 starts from the best of greedy-by-size and three placements built from its structure
 (`level2_starts`): the phases come in order, so the blocks that span the forward and the
-backward are all live at the head step and nest (`phase_ordered`); and each offloaded layer's
-split tensors can sit whole above its prefetch block (`stacked_splits`). Where the start meets
-the lower bound, no search and no MIP run (the placement's ``note`` says so).
+backward are all live at the head step and nest (`phase_ordered`); each offloaded layer's
+split tensors can sit whole above its prefetch block (`stacked_splits`); and the layers repeat,
+so layer i's blocks can sit where layer i + p's do, a layout searched on a period's worth of
+blocks (`folded`, in `FOLD_SHARE` of the time limit). Where the start meets the lower bound, no
+search and no MIP run (the placement's ``note`` says so).
 """
 
 from __future__ import annotations
@@ -237,7 +239,8 @@ def level2(layers: Sequence[LayerDecision], lb: LayerBytes, fwd: LevelPlan, bwd:
     began = time.perf_counter()
     progress(f"folding level 2 ({len(blocks)} tensors) every few layers")
     starts = level2_starts(blocks, len(layers), seconds=FOLD_SHARE * cfg.time_limit)
-    return solve_level(blocks, time_limit=cfg.time_limit - (time.perf_counter() - began),
+    left = max(cfg.time_limit - (time.perf_counter() - began), 0.1 * cfg.time_limit)
+    return solve_level(blocks, time_limit=left,
                        unit=cfg.align, name="level 2 iteration", kinds=kinds, progress=progress,
                        starts=starts)
 
@@ -251,9 +254,15 @@ FORWARD_KINDS = ("fwd", "hidden", "round")
 def level2_starts(blocks: list[Block], layers: int,
                   seconds: float = 0.0) -> list[Placement | None]:
     """Level 2's structured start plans (module docstring): `phase_ordered`, `stacked_splits`,
-    and in `seconds` the best of `folded` by each of `FOLD_PERIODS`."""
-    return [phase_ordered(blocks, Steps(layers).head), stacked_splits(blocks),
-            folded(blocks, layers, deadline=time.perf_counter() + seconds)]
+    and in `seconds` the best of `folded` by each of `FOLD_PERIODS`, unless one of the first
+    two (or greedy-by-size) already meets the lower bound (None in its place then)."""
+    cheap = [phase_ordered(blocks, Steps(layers).head), stacked_splits(blocks)]
+    live = [b for b in blocks if not b.is_trivial]
+    bound = max([hole_bound(live)] + [b.top for b in live])
+    best = min([solve_greedy(live).peak] + [s.peak for s in cheap if s is not None])
+    if best <= bound:
+        return [*cheap, None]
+    return [*cheap, folded(blocks, layers, deadline=time.perf_counter() + seconds)]
 
 
 def folded(blocks: list[Block], layers: int, *, deadline: float) -> Placement | None:
@@ -271,8 +280,8 @@ def folded(blocks: list[Block], layers: int, *, deadline: float) -> Placement | 
     layers the pattern can rotate; on the whole iteration (hundreds of blocks) the order search
     does not find such layouts in its time, on the folded one (a period's worth) it does. The
     forward's rounding buffers alternate every 2 layers and its inputs every 3: 6 fits both.
-    Blocks that differ in size or growth (a kept or checkpointed layer, the last one, another
-    alpha) fold apart, with offsets of their own."""
+    Blocks that differ in size or growth (a checkpointed layer's buffers, another alpha) fold
+    apart, with offsets of their own (`_fold_key`)."""
     live = [b for b in blocks if not b.is_trivial]
     periods = [(pf, pb) for pf, pb in FOLD_PERIODS if pb < layers]
     head = Steps(layers).head
@@ -281,9 +290,13 @@ def folded(blocks: list[Block], layers: int, *, deadline: float) -> Placement | 
         share = (deadline - time.perf_counter()) / (len(periods) - n)
         if share <= 0:
             break
-        offsets = search_folded(live, lambda b, pf=pf, pb=pb: _fold_key(b, pf, pb),
-                                target=target, deadline=time.perf_counter() + share,
-                                first=lambda b: b.end > head)
+        for lifetime in (False, True):  # blocks that differ in lifetime fold apart if need be
+            offsets = search_folded(
+                live, lambda b, pf=pf, pb=pb, lt=lifetime: _fold_key(b, pf, pb, lifetime=lt),
+                target=target, deadline=time.perf_counter() + share,
+                first=lambda b: b.end > head)
+            if offsets is not None:
+                break
         if offsets is None:
             continue
         peak = peak_of(live, offsets)
@@ -297,13 +310,19 @@ def folded(blocks: list[Block], layers: int, *, deadline: float) -> Placement | 
     return best
 
 
-def _fold_key(block: Block, forward: int, backward: int) -> tuple:
+def _fold_key(block: Block, forward: int, backward: int, *, lifetime: bool = False) -> tuple:
     """What a level-2 block shares an offset with when the layers fold (`folded`): its kind and
-    tensor, its layer modulo the period of its phase, its size and growth."""
+    tensor, its layer modulo the period of its phase, its size and growth, and with `lifetime`
+    how long it lives. Without it a kept or checkpointed layer's input folds with the offloaded
+    layers' (same size), which is best where it can (the last layer's buffers take the place
+    the next layer's would), and impossible once 7 or more layers live long: then two
+    inputs of the same key are live together, `search_folded` says so, and the lifetime splits
+    them."""
     name, _, tensor = str(block.id).partition(":")
     kind, _, layer = name.rstrip("]").partition("[")
     period = forward if kind in FORWARD_KINDS else backward
-    return kind, tensor, int(layer) % period, block.size, block.grow
+    key = (kind, tensor, int(layer) % period, block.size, block.grow)
+    return (*key, block.end - block.start) if lifetime else key
 
 
 def phase_ordered(blocks: list[Block], head: int) -> Placement:

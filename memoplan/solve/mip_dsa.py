@@ -557,21 +557,21 @@ def _run_cbc(problem: _Problem, start: _Start, *, seconds: float) -> _CbcResult 
     if seconds <= 0:
         return "building the MIP used the whole time limit: plan so far kept"
     payload = pickle.dumps((problem, start, time.time() + seconds))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        p for p in (str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH"))
-        if p)}  # this memoplan, whichever is installed
     wait = max(2 * seconds, seconds + CBC_GRACE)  # CBC overruns its limit a little
     try:
         done = subprocess.run(_worker_command(), input=payload, capture_output=True,
-                              timeout=wait, env=env)
+                              timeout=wait)
     except subprocess.TimeoutExpired:
         return f"CBC did not stop within {wait:.0f} s of its {seconds:.1f} s limit: killed, " \
                f"plan so far kept"
     if done.returncode != 0:
-        why = (f"signal {signal.Signals(-done.returncode).name}" if done.returncode < 0
-               else f"exit code {done.returncode}")
-        log.debug("CBC's process printed: %s", done.stderr.decode(errors="replace")[-2000:])
-        return f"CBC crashed ({why}): plan so far kept"
+        said = done.stderr.decode(errors="replace").strip()
+        if done.returncode < 0:
+            log.debug("CBC's process printed: %s", said[-2000:])
+            return f"CBC crashed ({_signal_name(-done.returncode)}): plan so far kept"
+        log.warning("solve_mip: CBC's process failed: %s", said[-2000:])
+        last = said.splitlines()[-1] if said else "nothing on stderr"
+        return f"CBC's process failed (exit code {done.returncode}: {last}): plan so far kept"
     try:
         result = pickle.loads(done.stdout)
     except Exception:  # noqa: BLE001  (anything unreadable is no result)
@@ -580,9 +580,24 @@ def _run_cbc(problem: _Problem, start: _Start, *, seconds: float) -> _CbcResult 
         "CBC's process handed back no readable result: plan so far kept"
 
 
+def _signal_name(number: int) -> str:
+    try:
+        return f"signal {signal.Signals(number).name}"
+    except ValueError:  # a real-time signal has no name
+        return f"signal {number}"
+
+
 def _worker_command() -> list[str]:
-    """The command that runs `cbc_in_this_process` on a pickled (problem, start, deadline)."""
-    return [sys.executable, "-m", "memoplan.solve._cbc_worker"]
+    """The command that runs `cbc_in_this_process` on a pickled (problem, start, deadline):
+    this memoplan's worker, imported from this checkout or installation (its folder first on
+    the path unless it is there already, as site-packages is), with nothing from the caller's
+    current directory on the path (a ``pickle.py`` or ``mip/`` there would be imported
+    instead)."""
+    root = str(Path(__file__).resolve().parents[2])
+    setup = ("import sys; sys.path.pop(0); r = " + repr(root) +
+             "; r in sys.path or sys.path.insert(0, r); "
+             "from memoplan.solve._cbc_worker import main; main()")
+    return [sys.executable, "-c", setup]
 
 
 def cbc_in_this_process(problem: _Problem, start: _Start, deadline: float) -> _CbcResult | str:
