@@ -268,8 +268,8 @@ def level2_starts(blocks: list[Block], layers: int,
 def folded(blocks: list[Block], layers: int, *, deadline: float) -> Placement | None:
     """The iteration folded by layer (`dsa.search_folded`): a plan in which layer i's block of
     each kind (and split tensor) sits where layer i + p's does, for the periods of
-    `FOLD_PERIODS` (p in the forward, another in the backward: they never meet) whose search
-    (an equal share of the time to `deadline`) ends lowest. The backward and what lives into
+    `FOLD_PERIODS` (p in the forward, another in the backward: they never meet) and key whose
+    search (an equal share of the time to `deadline`) ends lowest. The backward and what lives into
     it are searched first. None when there is no time or no period below `layers`.
 
     In the backward each layer's split tensors are whole while the layer before holds only
@@ -281,23 +281,21 @@ def folded(blocks: list[Block], layers: int, *, deadline: float) -> Placement | 
     does not find such layouts in its time, on the folded one (a period's worth) it does. The
     forward's rounding buffers alternate every 2 layers and its inputs every 3: 6 fits both.
     Blocks that differ in size or growth (a checkpointed layer's buffers, another alpha) fold
-    apart, with offsets of their own (`_fold_key`)."""
+    apart, with offsets of their own; each period is tried with and without lifetimes in the
+    key (`_fold_key`)."""
     live = [b for b in blocks if not b.is_trivial]
-    periods = [(pf, pb) for pf, pb in FOLD_PERIODS if pb < layers]
+    tries = [(pf, pb, lifetime) for lifetime in (False, True) for pf, pb in FOLD_PERIODS
+             if pb < layers]
     head = Steps(layers).head
     began, target, best = time.perf_counter(), hole_bound(live), None
-    for n, (pf, pb) in enumerate(periods):
-        share = (deadline - time.perf_counter()) / (len(periods) - n)
+    for n, (pf, pb, lifetime) in enumerate(tries):
+        share = (deadline - time.perf_counter()) / (len(tries) - n)
         if share <= 0:
             break
-        for lifetime in (False, True):  # blocks that differ in lifetime fold apart if need be
-            offsets = search_folded(
-                live, lambda b, pf=pf, pb=pb, lt=lifetime: _fold_key(b, pf, pb, lifetime=lt),
-                target=target, deadline=time.perf_counter() + share,
-                first=lambda b: b.end > head)
-            if offsets is not None:
-                break
-        if offsets is None:
+        offsets = search_folded(
+            live, lambda b, pf=pf, pb=pb, lt=lifetime: _fold_key(b, pf, pb, lifetime=lt),
+            target=target, deadline=time.perf_counter() + share, first=lambda b: b.end > head)
+        if offsets is None:  # blocks of one key live together: the time goes to the next try
             continue
         peak = peak_of(live, offsets)
         if best is None or peak < best.peak:
@@ -306,18 +304,20 @@ def folded(blocks: list[Block], layers: int, *, deadline: float) -> Placement | 
                              method="folded", status="feasible", gap=0.0,
                              seconds=time.perf_counter() - began,
                              note=f"folded every {pf} layers in the forward, {pb} in the "
-                                  f"backward")
+                                  f"backward{', by lifetime too' if lifetime else ''}")
+        if peak <= target:
+            break
     return best
 
 
 def _fold_key(block: Block, forward: int, backward: int, *, lifetime: bool = False) -> tuple:
     """What a level-2 block shares an offset with when the layers fold (`folded`): its kind and
     tensor, its layer modulo the period of its phase, its size and growth, and with `lifetime`
-    how long it lives. Without it a kept or checkpointed layer's input folds with the offloaded
-    layers' (same size), which is best where it can (the last layer's buffers take the place
-    the next layer's would), and impossible once 7 or more layers live long: then two
-    inputs of the same key are live together, `search_folded` says so, and the lifetime splits
-    them."""
+    how long it lives. Without it a kept layer's input and rounding buffer fold with the
+    offloaded layers' (same sizes): sometimes best (Llama-7B at 32K: the kept layer's buffers
+    take the place the next layer's would), sometimes bad (GPT-7B at 64K: the forward must
+    keep the place the backward chose for them), and impossible once 7 or more layers live
+    long (two inputs of one key live together). `folded` tries both."""
     name, _, tensor = str(block.id).partition(":")
     kind, _, layer = name.rstrip("]").partition("[")
     period = forward if kind in FORWARD_KINDS else backward
