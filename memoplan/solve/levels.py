@@ -269,8 +269,8 @@ def folded(blocks: list[Block], layers: int, *, deadline: float) -> Placement | 
     """The iteration folded by layer (`dsa.search_folded`): a plan in which layer i's block of
     each kind (and split tensor) sits where layer i + p's does, for the periods of
     `FOLD_PERIODS` (p in the forward, another in the backward: they never meet) and key whose
-    search (an equal share of the time to `deadline`) ends lowest. The backward and what lives into
-    it are searched first. None when there is no time or no period below `layers`.
+    search (an equal share of the time to `deadline`) ends lowest. The backward and what lives
+    into it are searched first. None when there is no time or no period below `layers`.
 
     In the backward each layer's split tensors are whole while the layer before holds only
     their copied tokens, with a hole after each. A hole can take a smaller tensor of the next
