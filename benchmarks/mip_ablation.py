@@ -8,10 +8,12 @@ bf16 weights and grads, 4 bytes per parameter, as solve_bench.py; solve's check 
 fits the GPU is left out) and places them with:
 
 - the solver (``levels.place_level``): the best start (greedy-by-size, or on level 2 the
-  structured starts of ``levels.level2_starts``), then the order search, then CBC, each stage
-  skipped once the plan meets the bound; its peak after each stage, its status and time;
-- CBC alone: the same start, then CBC with the whole limit and no order search (what the
-  solver did before the search was added, from a better start and with the hole bound);
+  structured starts of ``levels.level2_starts``), then the order search, then CBC (not above
+  ``mip_dsa.CBC_MAX_BLOCKS`` blocks), each stage skipped once the plan meets the bound; its peak
+  after each stage, its status and time;
+- CBC alone: the same start, then CBC with the whole limit and no order search, at any size
+  (what the solver did before the search was added, from a better start and with the hole
+  bound);
 - greedy-by-size, an online best-fit allocator (``dsa.simulate_best_fit``) and PyTorch's
   caching allocator (``caching_sim``, reserved bytes), with their times;
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import sys
 import time
@@ -45,7 +48,7 @@ from memoplan.solve.dsa import (Block, blocks_from_requests, hole_bound,  # noqa
                                 lower_bound, simulate_best_fit, solve_greedy)
 from memoplan.solve.levels import (FOLD_SHARE, blocks_to_requests,  # noqa: E402
                                    level1_requests, level2_blocks, level2_starts, place_level)
-from memoplan.solve.mip_dsa import solve_mip  # noqa: E402
+from memoplan.solve.mip_dsa import CBC_MAX_BLOCKS, solve_mip  # noqa: E402
 from memoplan.solve.swap import decide_swaps  # noqa: E402
 from memoplan.units import fmt_tokens  # noqa: E402
 
@@ -78,7 +81,7 @@ def level_row(name: str, blocks: list[Block], time_limit: float, unit: int,
                              starts=starts)
     start = min([solve_greedy(live)] + [s for s in starts if s is not None], key=lambda s: s.peak)
     alone, alone_s = timed(solve_mip, live, time_limit=time_limit, unit=unit, warm_start=start,
-                           search=False)
+                           search=False, cbc_max_blocks=math.inf)
     greedy, greedy_s = timed(solve_greedy, live)
     best_fit, best_fit_s = timed(simulate_best_fit, live)
     caching, caching_s = timed(simulate_caching_allocator, blocks_to_requests(live))
@@ -204,8 +207,10 @@ def main() -> None:
         f"/ hole bound - 1. folded: level 2's folded start (`levels.folded`, in "
         f"{FOLD_SHARE:.0%} of the limit, the solver getting the rest; solver s includes it). "
         f"start, search, CBC: the solver's peak after each stage ('-': not "
-        f"run, the plan already met the bound). CBC alone: the same start, then CBC with the "
-        f"whole limit. caching: PyTorch's caching allocator, reserved.\n\n"
+        f"run, the plan already met the bound, or CBC on a level of more than "
+        f"{CBC_MAX_BLOCKS} blocks, where the search gets its time). CBC alone: the same "
+        f"start, then CBC with the whole limit, whatever the size. caching: PyTorch's caching "
+        f"allocator, reserved.\n\n"
         f"Why a level can stay above the live bound: a split tensor of layer i holds its copied "
         f"tokens from layer i+1's backward and grows by its recomputed tokens in place at layer "
         f"i's rebuild, so until then the bytes after it are a hole only blocks dead by then may "

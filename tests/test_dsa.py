@@ -343,6 +343,24 @@ def test_cbc_dying_or_hanging_in_its_process_keeps_the_plan_so_far(monkeypatch, 
     assert why in result.note and "plan so far kept" in result.note
 
 
+def test_above_the_block_limit_cbc_does_not_run_and_the_search_gets_its_time(monkeypatch):
+    monkeypatch.setattr(mip_dsa, "_run_cbc", lambda *a, **k: pytest.fail("CBC ran"))
+    searched = []
+    real = mip_dsa._searched
+    monkeypatch.setattr(mip_dsa, "_searched", lambda problem, start, *, deadline: (
+        searched.append(deadline), real(problem, start, deadline=deadline))[1])
+
+    began = time.perf_counter()
+    result = solve_mip(UNAVOIDABLE, time_limit=20, cbc_max_blocks=7)  # 8 blocks
+
+    check_placement(UNAVOIDABLE, result)
+    assert (result.peak, result.status) == (5, "feasible")  # the search's optimum, unproved
+    assert result.note == "8 blocks, more than CBC has lowered a peak on: no MIP, the order " \
+                          "search had the whole time limit"
+    assert searched[0] > began + 0.9 * 20  # not SEARCH_SHARE of it
+    assert [stage for stage, _, _ in result.stages] == ["start", "search"]
+
+
 def test_cbcs_process_imports_nothing_from_the_callers_directory(monkeypatch, tmp_path):
     """``python -m`` would put the current directory first on the worker's path: a
     ``pickle.py`` or a ``mip/`` of the user's there turned CBC off."""

@@ -22,7 +22,8 @@ end) are ordered by input order.
 
 The stages, each skipped once the plan meets LB (then it is optimal, and the result's ``note``
 says what was skipped and why): the start plan; the order search (`SEARCH_SHARE` of the time
-limit), which on level 2's traces finds what CBC does not; CBC on the rest of the time.
+limit), which on level 2's traces finds what CBC does not; CBC on the rest of the time, unless
+the instance has more than `CBC_MAX_BLOCKS` free blocks (then the search has all of it).
 
 CBC runs in a process of its own (``_cbc_worker``): it is native code that can die of a signal,
 and that must not end the caller's process (`_run_cbc`).
@@ -83,6 +84,10 @@ SPLIT_BINARY_PAIRS = 8000  # more overlapping pairs than this: two binaries per 
 # time left, the rest covers its overrun.
 CBC_SHARE = 0.8
 SEARCH_SHARE = 0.5  # of the time limit, for the order search before CBC
+# Free blocks above which CBC is not run and the order search gets its time: on the 7B
+# profiles' level-2 iterations (500-690 blocks) CBC never lowered a peak, after the search or
+# from the same start alone (benchmarks/results/mip_ablation.md); it did on 26-61 blocks.
+CBC_MAX_BLOCKS = 300
 CBC_GRACE = 60.0  # seconds past its limit before CBC's process is taken for hung and killed
 
 
@@ -129,6 +134,7 @@ def solve_mip(
     unit: int | None = None,
     on_progress: ProgressFn | None = None,
     search: bool = True,
+    cbc_max_blocks: float | None = None,
 ) -> Placement:
     """Place blocks with the least peak found within `time_limit` seconds.
 
@@ -136,6 +142,8 @@ def solve_mip(
     one (an alignment) rounds sizes up to whole units. `warm_start` is a valid plan for the
     blocks (in bytes; realigned to the unit when it is off the grid); the better of it and
     greedy-by-size starts the search (`search=False` skips the order search: CBC alone).
+    Above `cbc_max_blocks` free blocks (default `CBC_MAX_BLOCKS`) CBC does not run and the
+    order search gets the whole limit, as it does without python-mip.
     `on_progress(best_peak_bytes, bound_bytes)` is called before and after each stage, not
     during CBC: CBC's own progress callback (python-mip's ``store_search_progress_log``)
     crashes this CBC build with SIGSEGV. Never returns a plan worse than greedy-by-size on the
@@ -167,8 +175,11 @@ def solve_mip(
         return _placement(blocks, problem, start.offsets, start.method, "optimal", 0.0, began,
                           note=f"{start.method} meets {_bound_text(problem)}: no search, no MIP",
                           stages=stages)
+    free = len(_free_blocks(problem))
+    too_many = free > (CBC_MAX_BLOCKS if cbc_max_blocks is None else cbc_max_blocks)
+    share = SEARCH_SHARE if mip is not None and not too_many else 1.0  # no CBC: all of it
     if search:
-        start = _searched(problem, start, deadline=began + SEARCH_SHARE * time_limit)
+        start = _searched(problem, start, deadline=began + share * time_limit)
         stages.append(_stage("search", blocks, problem, start, began))
         report(start)
         if start.peak <= problem.bound:
@@ -180,6 +191,11 @@ def solve_mip(
                     MIP_MISSING)
         return _fallback(blocks, problem, start, began, stages,
                          "python-mip cannot be imported: plan so far kept, no MIP")
+    if too_many:
+        return _placement(blocks, problem, start.offsets, start.method, "feasible",
+                          (start.peak - problem.bound) / start.peak, began, stages=stages,
+                          note=f"{free} blocks, more than CBC has lowered a peak on: no MIP, "
+                               f"the order search had the whole time limit")
     result = _run_cbc(problem, start, seconds=began + time_limit - time.perf_counter())
     if isinstance(result, str):
         log.warning("solve_mip: %s", result)
