@@ -576,12 +576,12 @@ def _llama7b_iteration(seq: int, keep_last: int | None = 1) -> tuple[list[Block]
     return [b for b in blocks if not b.is_trivial], len(decision.layers)
 
 
-def test_folding_the_layers_nests_split_tensors_that_stacking_keeps_whole():
+def test_folding_the_layers_nests_split_tensors_that_stacking_keeps_whole(monkeypatch):
     """Llama-7B at 32K tokens: 31 offloaded layers of 15 split tensors each. Stacked whole, two
     layers' split tensors take the backward's peak (15.0 GiB, 10% over the hole bound; the
     order search on all 686 blocks finds nothing lower in its time); folded every few layers,
     smaller tensors sit in larger ones' holes (14.1-14.6 GiB seen)."""
-    from memoplan.solve.levels import _fold_key, folded, stacked_splits
+    from memoplan.solve.levels import _fold_key, folded, place_level, stacked_splits
 
     blocks, layers = _llama7b_iteration(32 * 1024)
     stacked = stacked_splits(blocks)
@@ -596,6 +596,12 @@ def test_folding_the_layers_nests_split_tensors_that_stacking_keeps_whole():
         shared.setdefault(_fold_key(b, forward, backward), set()).add(fold.offsets[b.id])
     assert all(len(offsets) == 1 for offsets in shared.values())
     assert len(shared) < len(blocks) // 4
+    # kept by the solver (here its search finds nothing: no CBC on 686 blocks), the plan says
+    # which fold it is
+    monkeypatch.setattr(mip_dsa, "_searched", lambda problem, start, *, deadline: start)
+    placed = place_level(blocks, time_limit=2, unit=512, starts=[stacked, fold])
+    assert (placed.peak, placed.method) == (fold.peak, "folded")
+    assert placed.note.endswith(f"({fold.note})") and "no MIP" in placed.note
     # 8 layers kept: two kept inputs 6 layers apart live together, so blocks fold apart by
     # lifetime too
     blocks, layers = _llama7b_iteration(32 * 1024, keep_last=8)

@@ -41,6 +41,7 @@ search and no MIP run (the placement's ``note`` says so).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -95,6 +96,8 @@ def place_level(blocks: list[Block], *, time_limit: float, unit: int, name: str 
                               f"solving {name}: best {best / 2**20:.1f} MiB, bound "
                               f"{bound / 2**20:.1f} MiB"))
     check_placement(blocks, placement)
+    if placement.method == start.method and start.note:  # e.g. the period of a folded start
+        placement = dataclasses.replace(placement, note=f"{placement.note} ({start.note})")
     progress(f"solved {name}: {placement.note}")
     return placement
 
