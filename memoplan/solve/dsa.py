@@ -465,7 +465,7 @@ def _fold(live: list[Block], key: Callable[[Block], object]) -> tuple[list[int],
     for b, k in zip(live, of, strict=True):
         tops[k] = max(tops[k], b.top)
     bytes_held: dict[tuple[int, int], tuple[int, int]] = {}
-    for i, j in _conflicts(live):
+    for i, j in conflicting_pairs(live):
         a, b, u, v = live[i], live[j], of[i], of[j]
         if u == v:
             return None
@@ -478,8 +478,9 @@ def _fold(live: list[Block], key: Callable[[Block], object]) -> tuple[list[int],
     return of, _FirstFit(tops, conflicts)
 
 
-def _conflicts(blocks: list[Block]) -> list[tuple[int, int]]:
-    """Index pairs (i, j) of blocks live at a common step."""
+def conflicting_pairs(blocks: Sequence[Block]) -> list[tuple[int, int]]:
+    """Index pairs (i, j) of blocks live at a common step (a sweep over their starts); i was
+    placed in the sweep before j."""
     pairs = []
     live: list[int] = []
     for j in sorted(range(len(blocks)), key=lambda i: blocks[i].start):
@@ -501,7 +502,7 @@ class _FirstFit:
     def of(cls, blocks: list[Block]) -> _FirstFit:
         """The blocks (none trivial) with their conflicts worked out once from lifetimes."""
         conflicts: list[list[tuple[int, int, int]]] = [[] for _ in blocks]
-        for i, j in _conflicts(blocks):
+        for i, j in conflicting_pairs(blocks):
             a, b = blocks[i], blocks[j]
             conflicts[i].append((j, a.reach(b), b.reach(a)))
             conflicts[j].append((i, b.reach(a), a.reach(b)))

@@ -65,6 +65,7 @@ from memoplan.solve.dsa import (
     BlockId,
     Placement,
     check_unique_ids,
+    conflicting_pairs,
     first_fit,
     greedy_offsets,
     hole_bound,
@@ -457,16 +458,10 @@ def _conflicting_pairs(problem: _Problem) -> list[tuple[int, int]]:
     Pairs inside one group of identical blocks are left to `_add_symmetry`.
     """
     group_of = {i: g for g, members in enumerate(problem.groups) for i in members}
-    order = sorted(_free_blocks(problem), key=lambda i: problem.blocks[i].start)
-    live: list[int] = []
-    pairs = []
-    for j in order:
-        live = [i for i in live if problem.blocks[i].end > problem.blocks[j].start]
-        for i in live:
-            if group_of.get(i, -1) != group_of.get(j, -2):
-                pairs.append((min(i, j), max(i, j)))
-        live.append(j)
-    return sorted(pairs)
+    free = _free_blocks(problem)
+    pairs = conflicting_pairs([problem.blocks[i] for i in free])
+    return sorted((min(free[a], free[b]), max(free[a], free[b])) for a, b in pairs
+                  if group_of.get(free[a], -1) != group_of.get(free[b], -2))
 
 
 def _add_nooverlap(
