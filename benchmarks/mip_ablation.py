@@ -46,7 +46,7 @@ from memoplan.solve import SolveConfig  # noqa: E402
 from memoplan.solve.caching_sim import simulate_caching_allocator  # noqa: E402
 from memoplan.solve.dsa import (Block, blocks_from_requests, hole_bound,  # noqa: E402
                                 lower_bound, simulate_best_fit, solve_greedy)
-from memoplan.solve.levels import (FOLD_SHARE, blocks_to_requests,  # noqa: E402
+from memoplan.solve.levels import (START_SHARE, blocks_to_requests,  # noqa: E402
                                    level1_requests, level2_blocks, level2_starts, place_level)
 from memoplan.solve.mip_dsa import CBC_MAX_BLOCKS, solve_mip  # noqa: E402
 from memoplan.solve.swap import decide_swaps  # noqa: E402
@@ -58,7 +58,7 @@ PROFILES = ("llama_tiny", "llama7b", "gpt7b", "llama7b_stack2")
 LENGTHS = (32 * K, 64 * K, 128 * K)  # on 1 GPU; 8 x these on 8 GPUs
 QUICK = (("llama_tiny", 32 * K, 1), ("llama7b_stack2", 32 * K, 1))
 COLUMNS = ("profile", "seq/GPUs", "level", "n", "bound", "hole bound", "solver", "over bound",
-           "status", "solver s", "folded", "start", "search", "CBC", "CBC alone", "CBC alone s",
+           "status", "solver s", "chained", "start", "search", "CBC", "CBC alone", "CBC alone s",
            "greedy", "greedy s", "best-fit", "best-fit s", "caching", "caching s")
 
 
@@ -110,13 +110,14 @@ def config_rows(name: str, seq: int, gpus: int, time_limit: float) -> list[dict]
     decision = decide_swaps(profile, cfg)
     blocks = level2_blocks(decision.layers, decision.bytes, peaks["forward"], peaks["backward"],
                            cfg.align)
-    # as levels.level2: the folded starts take FOLD_SHARE of the limit, the solver the rest
-    starts, fold_s = timed(level2_starts, blocks, len(decision.layers),
-                           seconds=FOLD_SHARE * time_limit)
-    row, _ = level_row("iteration", blocks, max(time_limit - fold_s, 0.1 * time_limit),
+    # as levels.level2: the chained start's search takes START_SHARE of the limit, the solver
+    # the rest
+    starts, start_s = timed(level2_starts, blocks, len(decision.layers),
+                            seconds=START_SHARE * time_limit)
+    row, _ = level_row("iteration", blocks, max(time_limit - start_s, 0.1 * time_limit),
                        cfg.align, starts)
-    row["solver s"] += fold_s
-    row["folded"] = starts[2].peak if starts[2] is not None else None
+    row["solver s"] += start_s
+    row["chained"] = starts[-1].peak if starts[-1] is not None else None
     rows.append(row)
     for row in rows:
         row.update({"profile": name, "seq/GPUs": f"{fmt_tokens(seq)}/{gpus}"})
@@ -129,7 +130,7 @@ def mib(v: int | None) -> str:
 
 def render(row: dict) -> str:
     over = row["solver"] / row["hole bound"] - 1 if row["hole bound"] else 0.0
-    cells = {**{k: mib(row.get(k)) for k in ("bound", "hole bound", "solver", "folded", "start",
+    cells = {**{k: mib(row.get(k)) for k in ("bound", "hole bound", "solver", "chained", "start",
                                              "search", "CBC", "CBC alone", "greedy", "best-fit",
                                              "caching")},
              **{k: f"{row[k]:.2f}" for k in COLUMNS if k.endswith(" s")},
@@ -151,10 +152,10 @@ def summary(rows: list[dict]) -> list[str]:
         f"- Greedy-by-size meets the bound (no search, no MIP): {greedy}.",
         f"- A structured level-2 start meets it where greedy does not: {start}.",
         f"- The order search reaches it: {search}.",
-        f"- The folded start (level 2's layers folded by a period, `levels.folded`) is the best "
-        f"start, below greedy-by-size and the other structured starts: "
-        f"{n(lambda r: r.get('folded') is not None and r['folded'] == r['start'] < r['greedy'])}"
-        f" of {n(lambda r: r.get('folded') is not None)} levels where it ran.",
+        f"- The chained start (each split tensor's layers interleaved, `levels.chained_splits`) "
+        f"is the best start, below greedy-by-size and the other structured starts: "
+        f"{n(lambda r: r.get('chained') is not None and r['chained'] == r['start'] < r['greedy'])}"
+        f" of {n(lambda r: r.get('chained') is not None)} levels where it ran.",
         f"- CBC lowers the peak after the search: "
         f"{n(lambda r: r['CBC'] is not None and r['CBC'] < r['search'])}; "
         f"CBC alone lowers it below the start: {n(lambda r: r['CBC alone'] < r['start'])}; "
@@ -204,34 +205,28 @@ def main() -> None:
         f"Sizes in MiB. bound: largest live total; hole bound: plus the holes that growing "
         f"blocks (split tensors whose recomputed tokens come back a layer after their copied "
         f"ones) leave and nothing live can fill, the solver's lower bound; over bound: solver "
-        f"/ hole bound - 1. folded: level 2's folded start (`levels.folded`, in "
-        f"{FOLD_SHARE:.0%} of the limit, the solver getting the rest; solver s includes it). "
-        f"start, search, CBC: the solver's peak after each stage ('-': not "
+        f"/ hole bound - 1. chained: level 2's chained start (`levels.chained_splits`, its "
+        f"order search in {START_SHARE:.0%} of the limit, the solver getting the rest; solver s "
+        f"includes it). start, search, CBC: the solver's peak after each stage ('-': not "
         f"run, the plan already met the bound, or CBC on a level of more than "
         f"{CBC_MAX_BLOCKS} blocks, where the search gets its time). CBC alone: the same "
         f"start, then CBC with the whole limit, whatever the size. caching: PyTorch's caching "
         f"allocator, reserved.\n\n"
-        f"Why a level can stay above the live bound: a split tensor of layer i holds its copied "
-        f"tokens from layer i+1's backward and grows by its recomputed tokens in place at layer "
-        f"i's rebuild, so until then the bytes after it are a hole only blocks dead by then may "
-        f"use. With one hole per tensor (each layer's split tensors stacked whole, the "
-        f"`stacked` start) level 2 ends at the live total with every tensor at its full size; "
-        f"the order search nests other blocks into the holes. The hole bound is what no "
-        f"nesting can avoid at a single step; across steps more can be unavoidable, so a level "
-        f"above it is not proved suboptimal. For one tensor per layer it is provably loose: "
-        f"below a peak of 2N (N its whole size) each layer's copied tokens must lie below the "
-        f"next layer's whole tensor, so they climb by the head a layer and the peak is "
-        f"min(2N, N + (layers - 1) x head), two whole tensors stacked once the chain has "
-        f"1 + tail / head layers, where the hole bound says N + head (tests/test_dsa.py, "
-        f"`test_a_chain_of_split_tensors_needs_two_whole_tensors_however_the_holes_are_nested`:"
-        f" brute force and CBC agree). With several tensors per layer a smaller one fits in a "
-        f"larger one's hole, but a layout that repeats every two layers cannot put it there: "
-        f"the same slot two layers on holds that smaller tensor's copied tokens while the "
-        f"larger one around it is whole. Folded every 3 or more "
-        f"layers (the `folded` start) the pattern rotates and smaller tensors do nest; where "
-        f"its search finds no such layout in its time the level stays at the `stacked` start, "
-        f"whose backward holds two whole layers. Whether the rows above the hole bound are "
-        f"optimal is not proved.\n\n"
+        f"Level 2's split tensors: a split tensor of layer i holds its copied tokens from layer "
+        f"i+1's backward and grows by its recomputed tokens in place at layer i's rebuild, so "
+        f"until then the bytes beside it are a hole only blocks dead by then may use. If every "
+        f"layer's copied tokens came first, the hole bound would be loose: below a peak of 2N "
+        f"(N a tensor's whole size) each layer's copied tokens must lie below the next "
+        f"layer's whole tensor, so they climb by the head a layer and the peak is "
+        f"min(2N, N + (layers - 1) x head), where the hole bound says N + head (tests/"
+        f"test_dsa.py, `test_a_chain_of_split_tensors_needs_two_whole_tensors_however_the_"
+        f"holes_are_nested`). So every second offloaded layer copies its last tokens and "
+        f"recomputes its first (its block grows down): its copied tokens lie right above the "
+        f"next layer's whole tensor and each tensor needs N + head bytes in the backward "
+        f"(`test_a_chain_growing_up_and_down_in_turn_needs_one_whole_tensor_and_a_head`). The "
+        f"kept layer's split tensors have blocks of their own, which can lie in the holes of "
+        f"the first offloaded layer's tensors until those grow. Whether the rows above the "
+        f"hole bound are optimal is not proved.\n\n"
         + "\n".join(header + [render(r) for r in rows]) + "\n\n" + "\n".join(lines) + "\n")
     print(f"wrote {args.out}")
 

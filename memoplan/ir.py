@@ -512,6 +512,8 @@ class LevelPlan:
     seconds: float
     # growing blocks (solve.dsa.Block.grow): id -> (extra bytes right after `sizes`, from step)
     grows: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # growing blocks whose extra bytes come right before `sizes`' (solve.dsa.Block.grows_down)
+    grows_down: tuple[str, ...] = ()
     # where the offsets come from ("greedy", "phase-ordered", "stacked", "folded", "search",
     # "mip") and what the solver ran and skipped, and why (solve.dsa.Placement.note); "" in
     # older plans
@@ -574,6 +576,7 @@ class Plan:
                 v = {kk: vv for kk, vv in v.items() if kk != "ratio"}
                 v["lifetimes"] = {kk: tuple(vv) for kk, vv in v["lifetimes"].items()}
                 v["grows"] = {kk: tuple(vv) for kk, vv in v.get("grows", {}).items()}
+                v["grows_down"] = tuple(v.get("grows_down", ()))
                 levels[k] = LevelPlan(**v)
             return cls(schema=d["schema"], profile_hash=d["profile_hash"],
                        layer_class=d["layer_class"], config=d["config"],

@@ -150,12 +150,14 @@ def _draw_blocks(ax: Axes, lp: LevelPlan, offsets: Mapping[str, int], *, names: 
               default=1)
     for tid, (start, end) in lp.lifetimes.items():
         y, h = offsets[tid] / MIB, lp.sizes[tid] / MIB
+        grow, grow_at = lp.grows.get(tid, (0, end))
+        # a growing block's later part lies right above it, or right below where it grows down
+        y, extra = (y + grow / MIB, y) if tid in lp.grows_down else (y, y + h)
         color = KIND_COLORS.get(lp.kinds.get(tid, ""), OTHER_COLOR)
         ax.add_patch(Rectangle((start, y), end - start, h, facecolor=color, edgecolor="white",
                                linewidth=0.5, gid=f"block:{tid}", zorder=2))
-        if tid in lp.grows:  # a growing block: its later part, right above, from its step on
-            grow, grow_at = lp.grows[tid]
-            ax.add_patch(Rectangle((grow_at, y + h), end - grow_at, grow / MIB, facecolor=color,
+        if grow:  # from its step on
+            ax.add_patch(Rectangle((grow_at, extra), end - grow_at, grow / MIB, facecolor=color,
                                    edgecolor="white", linewidth=0.5, gid=f"grow:{tid}",
                                    zorder=2))
         if names and (end - start) / steps >= 0.05 and lp.sizes[tid] / top >= 0.05:
@@ -199,7 +201,8 @@ def level_figure(lp: LevelPlan, *, title: str, labels: Sequence[str] | None = No
 def level_blocks(lp: LevelPlan) -> list[Block]:
     """The level's blocks rebuilt from the plan (ids are the plan's string ids)."""
     return [Block(id=tid, size=lp.sizes[tid], start=start, end=end,
-                  grow=lp.grows.get(tid, (0, 0))[0], grow_at=lp.grows.get(tid, (0, 0))[1])
+                  grow=lp.grows.get(tid, (0, 0))[0], grow_at=lp.grows.get(tid, (0, 0))[1],
+                  grows_down=tid in lp.grows_down)
             for tid, (start, end) in lp.lifetimes.items()]
 
 

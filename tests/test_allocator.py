@@ -106,7 +106,11 @@ def _delta(alloc, before):
 @pytest.fixture(scope="module")
 def solved():
     prof = profile_model(ProfileConfig(model_file=EXAMPLES / "llama" / "model.py", seq=128))
-    plan = solve_plan(prof, SolveConfig(seq=128, hardware=get_hardware("h200"), time_limit=2.0))
+    # alpha 0.5: split tensors grow (every second layer down) and the kept layer's have blocks
+    # of their own, where its forward script puts them
+    plan = solve_plan(prof, SolveConfig(seq=128, hardware=get_hardware("h200"), time_limit=2.0,
+                                        alpha=0.5))
+    assert plan.levels["iteration"].grows_down
     return prof, plan
 
 
@@ -120,11 +124,15 @@ def test_a_plan_replays_at_its_addresses_beside_the_rest_of_the_iteration(alloc,
     for i in range(n):
         r = Replay(alloc, plan.arena_bytes)
         # every other block live at this step is held (as the runtime and earlier layers would)
-        own = {f"fwd[{i}]", f"round[{i}]", f"hidden[{i + 1}]"} if phase == "forward" \
+        own = {f"fwd[{i}]", f"round[{i}]", f"hidden[{i + 1}]",
+               *(k for k in it.offsets if k.startswith(f"kept[{i}]:"))} if phase == "forward" \
             else {f"bwd[{i}]", f"grad[{i}]"}
         for name, (start, end) in it.lifetimes.items():
-            if start <= step(i) < end and name not in own:
-                r.reserve(it.offsets[name], it.sizes[name])
+            if start <= step(i) < end and name not in own:  # the bytes it holds then
+                grow, grow_at = it.grows.get(name, (0, end))
+                grown, down = step(i) >= grow_at, name in it.grows_down
+                r.reserve(it.offsets[name] + (grow if down and not grown else 0),
+                          it.sizes[name] + (grow if grown else 0))
         slots = list(plan.layer.script(phase, i).slots)
         before = alloc.stats()
         alloc.begin(COMPUTE, slots)

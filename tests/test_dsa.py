@@ -4,6 +4,7 @@ the solver's time-limit and fallback paths."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 import re
@@ -28,7 +29,6 @@ from memoplan.solve.dsa import (
     lower_bound,
     lowest_fit,
     peak_of,
-    search_folded,
     search_orders,
     simulate_best_fit,
     solve_greedy,
@@ -63,6 +63,34 @@ def brute_force_optimum(blocks: list[Block]) -> int:
             placed.append(b)
         peak = peak_of(blocks, offsets)
         best = peak if best is None else min(best, peak)
+    return best or 0
+
+
+def compacted_optimum(blocks: list[Block]) -> int:
+    """Least peak over every plan whose blocks each lie at 0 or right on a block placed
+    before it (its offset that block's plus `Block.below`), in every order.
+
+    With blocks that grow down, first-fit in an optimal plan's order can miss it (a block that
+    sits in a hole under another's copied tokens has a higher offset than the block below it
+    in memory), so `brute_force_optimum` does not apply. But an optimal plan can be moved down
+    block by block until each lies at 0 or right on another, and placing them in an order
+    where each comes after the one it lies on gives that plan (when the "lies on" relation has
+    no cycle, as in these small cases)."""
+    best = None
+    for order in itertools.permutations(blocks):
+        stack = [(0, {})]
+        while stack:
+            k, offsets = stack.pop()
+            if k == len(order):
+                peak = peak_of(blocks, offsets)
+                best = peak if best is None else min(best, peak)
+                continue
+            b = order[k]
+            placed = [o for o in order[:k] if max(o.start, b.start) < min(o.end, b.end)]
+            for x in {0} | {offsets[o.id] + o.below(b) for o in placed}:
+                if x >= 0 and all(x + b.below(o) <= offsets[o.id] or
+                                  offsets[o.id] + o.below(b) <= x for o in placed):
+                    stack.append((k + 1, {**offsets, b.id: x}))
     return best or 0
 
 
@@ -446,21 +474,77 @@ def split_chain(layers: int, head: int, tail: int) -> list[Block]:
 @pytest.mark.parametrize("layers, optimum", [(2, 4), (3, 5), (4, 6), (5, 6)])
 def test_a_chain_of_split_tensors_needs_two_whole_tensors_however_the_holes_are_nested(
         layers, optimum):
-    """Why level 2's iterations on the 7B profiles stay above the hole bound: it is not tight
+    """Why every split tensor growing up leaves level 2 above the hole bound: it is not tight
     for chains. At every step one tensor is whole (N = head + tail) and the next holds its
     head, and the head's hole may take the whole one: per step N + head is enough (the hole
     bound). Across steps it is not: below a peak of 2N no tensor fits above a whole one, so
     each head lies below the whole tensor it meets, and the heads climb by `head` a layer:
-    the peak is min(2N, N + (layers - 1) * head), reached by stacking two whole tensors (what
-    the ``stacked`` level-2 start does) once the chain has 1 + tail / head layers."""
+    the peak is min(2N, N + (layers - 1) * head), reached by stacking two whole tensors once
+    the chain has 1 + tail / head layers. Hence every second layer grows down (next test)."""
     chain = split_chain(layers, head=1, tail=2)
     assert hole_bound(chain) == lower_bound(chain) == 4
     assert brute_force_optimum(chain) == optimum == min(2 * 3, 3 + (layers - 1) * 1)
+    assert compacted_optimum(chain) == optimum
 
     result = solve_mip(chain, time_limit=20)
 
     check_placement(chain, result)
     assert (result.peak, result.status) == (optimum, "optimal")  # CBC proves what the bound can't
+
+
+@pytest.mark.parametrize("layers", [2, 3, 5, 8])
+def test_a_chain_growing_up_and_down_in_turn_needs_one_whole_tensor_and_a_head(layers):
+    """Every second layer's copied tokens are its last ones, its block growing down: its head
+    lies right above the whole tensor of the layer after it, and grows down over it once that
+    one is gone; the next layer's head lies at the bottom again. N + head at every step: the
+    hole bound, which the chained start reaches and CBC proves."""
+    from memoplan.solve.levels import chained_splits, chains
+
+    chain = [dataclasses.replace(b, id=f"{b.id}:t", grows_down=(layers - 1 - k) % 2 == 1)
+             for k, b in enumerate(split_chain(layers, head=1, tail=2))]
+    assert hole_bound(chain) == 4
+    if layers <= 3:
+        assert compacted_optimum(chain) == 4
+    assert [len(c) for c in chains(chain)] == [layers]
+
+    chained = chained_splits(chain, layers)
+    result = solve_mip(chain, time_limit=20)
+
+    for placement in (chained, result):
+        check_placement(chain, placement)
+        assert placement.peak == 4
+    assert result.status == "optimal"
+
+
+def test_a_block_growing_down_holds_its_last_bytes_first():
+    """A block that grows down holds [offset + grow, offset + top) until it grows: what lies
+    there must be dead by its start or it must lie elsewhere, and its first bytes are free
+    until it grows."""
+    down = Block(id="d", size=2, start=0, end=4, grow=3, grow_at=2, grows_down=True)
+    early = block("e", 3, 0, 2)  # dead when d grows: fits in d's first bytes
+    assert down.span(early) == (3, 5) and down.span(block("x", 1, 0, 4)) == (0, 5)
+    assert (down.below(early), early.below(down)) == (5, 0)  # e at or below d, or above it
+    check_placement([down, early], plan({"d": 0, "e": 0}, 5, 5))
+    with pytest.raises(PlanCheckError, match="overlapping addresses"):  # e over d's last bytes
+        check_placement([down, early], plan({"d": 0, "e": 1}, 5, 5))
+    up = dataclasses.replace(down, grows_down=False)
+    with pytest.raises(PlanCheckError, match="overlapping addresses"):  # up: its first bytes
+        check_placement([up, early], plan({"d": 0, "e": 0}, 5, 5))
+    assert hole_bound([down, early]) == lower_bound([down, early]) == 5
+    assert solve_mip([down, early], time_limit=5).peak == 5
+
+
+def test_a_block_growing_down_keeps_its_last_bytes_in_its_last_units():
+    """solve_mip in units of 4 bytes: a block growing down rounds its top up and its growth
+    down, so that its last bytes (its copied tokens) stay in the units the model gives them."""
+    down = Block(id="d", size=3, start=0, end=4, grow=6, grow_at=2, grows_down=True)
+    early = block("e", 4, 0, 2)
+    late = block("l", 4, 2, 4)
+
+    result = solve_mip([down, early, late], time_limit=5, unit=4)
+
+    check_placement([down, early, late], result)
+    assert result.peak % 4 == 0
 
 
 def test_solver_notes_say_what_ran():
@@ -530,29 +614,11 @@ def test_the_phase_ordered_start_stacks_the_blocks_that_span_forward_and_backwar
     assert hidden == sorted(hidden)  # each layer's input lies on the one before it
     began = time.perf_counter()
     starts = level2_starts(blocks, layers, seconds=30)
-    assert phased in starts and starts[2] is None  # at the bound already: no folded search
+    assert phased in starts  # at the bound already: no order search for the chained start
     assert time.perf_counter() - began < 10
     placement = solve_mip(blocks, time_limit=5, unit=512, warm_start=phased)
     assert (placement.peak, placement.method, placement.status) == (phased.peak,
                                                                     "phase-ordered", "optimal")
-
-
-def test_folded_blocks_share_an_offset_and_keys_live_together_cannot_fold():
-    chain = split_chain(6, head=1, tail=2)  # split[k] and split[k + 2] never meet
-    layer = {b.id: int(str(b.id)[6:-1]) for b in chain}
-
-    offsets = search_folded(chain, lambda b: layer[b.id] % 2, target=4,
-                            deadline=time.perf_counter() + 10)
-
-    check_placement(chain, plan(offsets, peak_of(chain, offsets), 4))
-    assert {offsets[f"split[{k}]"] for k in (0, 2, 4)} == {offsets["split[0]"]}
-    assert {offsets[f"split[{k}]"] for k in (1, 3, 5)} == {offsets["split[1]"]}
-    assert peak_of(chain, offsets) == 6  # two whole tensors: the chain's optimum
-    assert search_folded(chain, lambda b: 0, target=4, deadline=time.perf_counter() + 10) is None
-    # the blocks `first` picks are searched alone first, then kept while the rest are placed
-    early = search_folded(chain, lambda b: layer[b.id] % 2, target=4, first=lambda b: b.end > 6,
-                          deadline=time.perf_counter() + 10)
-    check_placement(chain, plan(early, peak_of(chain, early), 4))
 
 
 def _llama7b_iteration(seq: int, keep_last: int | None = 1) -> tuple[list[Block], int]:
@@ -576,37 +642,37 @@ def _llama7b_iteration(seq: int, keep_last: int | None = 1) -> tuple[list[Block]
     return [b for b in blocks if not b.is_trivial], len(decision.layers)
 
 
-def test_folding_the_layers_nests_split_tensors_that_stacking_keeps_whole(monkeypatch):
-    """Llama-7B at 32K tokens: 31 offloaded layers of 15 split tensors each. Stacked whole, two
-    layers' split tensors take the backward's peak (15.0 GiB, 10% over the hole bound; the
-    order search on all 686 blocks finds nothing lower in its time); folded every few layers,
-    smaller tensors sit in larger ones' holes (14.1-14.6 GiB seen)."""
-    from memoplan.solve.levels import _fold_key, folded, place_level, stacked_splits
+def test_chained_split_tensors_interleave_and_the_kept_layer_gets_blocks_of_its_own(
+        monkeypatch):
+    """Llama-7B at 32K tokens: 31 offloaded layers of 15 split tensors each, and one kept layer.
+    Stacked whole, two layers' split tensors take the backward's peak (15.0 GiB); chained, each
+    tensor's layers interleave two by two (up, down, up, ...) and the kept layer's tensors can
+    lie in the first offloaded layer's holes."""
+    from memoplan.solve.levels import chained_splits, chains, place_level, stacked_splits
 
     blocks, layers = _llama7b_iteration(32 * 1024)
+    kept = [b for b in blocks if str(b.id).startswith("kept[31]:")]
+    splits = [b for b in blocks if str(b.id).startswith("split[") and b.grow]
+    assert len(kept) == 15 and {b.size for b in kept} == {b.top for b in splits}
+    # every second layer grows down, from the last offloaded layer (up) on
+    assert {int(str(b.id)[6:].split("]")[0]) % 2 for b in splits if b.grows_down} == {1}
+    assert all(len(c) == 31 for c in chains(blocks)) and len(chains(blocks)) == 15
     stacked = stacked_splits(blocks)
 
-    fold = folded(blocks, layers, deadline=time.perf_counter() + 6)
+    chained = chained_splits(blocks, layers, deadline=time.perf_counter() + 3)
 
-    check_placement(blocks, fold)
-    assert fold.method == "folded" and fold.peak < 0.99 * stacked.peak, (fold.peak, stacked.peak)
-    forward, backward = map(int, re.findall(r"\d+", fold.note))
-    shared: dict = {}
-    for b in blocks:  # layer i's block of each kind sits where layer i + period's does
-        shared.setdefault(_fold_key(b, forward, backward), set()).add(fold.offsets[b.id])
-    assert all(len(offsets) == 1 for offsets in shared.values())
-    assert len(shared) < len(blocks) // 4
-    # kept by the solver (here its search finds nothing: no CBC on 686 blocks), the plan says
-    # which fold it is
+    check_placement(blocks, chained)
+    assert chained.method == "chained" and chained.peak < 0.95 * stacked.peak, \
+        (chained.peak, stacked.peak)
+    for c in chains(blocks):  # layer i's copied tokens lie right above layer i+1's tensor
+        for upper, lower in zip(c, c[1:]):
+            up, down = (upper, lower) if lower.grows_down else (lower, upper)
+            assert chained.offsets[down.id] == chained.offsets[up.id] + down.size
+    # kept by the solver, the plan says what was chained
     monkeypatch.setattr(mip_dsa, "_searched", lambda problem, start, *, deadline: start)
-    placed = place_level(blocks, time_limit=2, unit=512, starts=[stacked, fold])
-    assert (placed.peak, placed.method) == (fold.peak, "folded")
-    assert placed.note.endswith(f"({fold.note})") and "no MIP" in placed.note
-    # 8 layers kept: two kept inputs 6 layers apart live together, so blocks fold apart by
-    # lifetime too
-    blocks, layers = _llama7b_iteration(32 * 1024, keep_last=8)
-    kept = folded(blocks, layers, deadline=time.perf_counter() + 2)
-    check_placement(blocks, kept)
+    placed = place_level(blocks, time_limit=2, unit=512, starts=[stacked, chained])
+    assert (placed.peak, placed.method) == (chained.peak, "chained")
+    assert placed.note.endswith(f"({chained.note})") and "15 runs" in placed.note
 
 
 # --- property tests -------------------------------------------------------------------------
@@ -753,8 +819,10 @@ def test_blocks_refuse_impossible_fields():
 
 
 @st.composite
-def growing_block_lists(draw, max_blocks: int = 6, steps: int = 5) -> list[Block]:
-    """Blocks of which some grow (their extra bytes from a step inside their lifetime)."""
+def growing_block_lists(draw, max_blocks: int = 6, steps: int = 5,
+                        down: bool = False) -> list[Block]:
+    """Blocks of which some grow (their extra bytes from a step inside their lifetime), with
+    `down` some of them down."""
     blocks = []
     for i in range(draw(st.integers(1, max_blocks))):
         start = draw(st.integers(0, steps - 1))
@@ -763,7 +831,8 @@ def growing_block_lists(draw, max_blocks: int = 6, steps: int = 5) -> list[Block
         if end - start >= 2 and draw(st.booleans()):
             blocks.append(Block(id=i, size=size, start=start, end=end,
                                 grow=draw(st.integers(1, 4)),
-                                grow_at=draw(st.integers(start + 1, end - 1))))
+                                grow_at=draw(st.integers(start + 1, end - 1)),
+                                grows_down=down and draw(st.booleans())))
         else:
             blocks.append(block(i, size, start, end))
     return blocks
@@ -773,6 +842,18 @@ def growing_block_lists(draw, max_blocks: int = 6, steps: int = 5) -> list[Block
 @given(growing_block_lists())
 def test_with_growing_blocks_the_hole_bound_holds_and_the_solver_finds_the_optimum(blocks):
     optimum = brute_force_optimum(blocks)
+
+    result = solve_mip(blocks, time_limit=10)
+
+    check_placement(blocks, result)
+    assert lower_bound(blocks) <= hole_bound(blocks) <= optimum
+    assert (result.peak, result.status) == (optimum, "optimal")
+
+
+@settings(max_examples=40, deadline=None)
+@given(growing_block_lists(max_blocks=5, down=True))
+def test_with_blocks_growing_down_the_hole_bound_holds_and_the_solver_finds_the_optimum(blocks):
+    optimum = compacted_optimum(blocks)
 
     result = solve_mip(blocks, time_limit=10)
 

@@ -111,18 +111,23 @@ def test_level_plot_draws_every_tensor_where_the_plan_puts_it(plan, level):
     rects = _blocks(ax)
     grown = [p for p in ax.patches if str(p.get_gid()).startswith("grow:")]
     assert len(ax.patches) == len(rects) + len(grown) and len(rects) == len(lp.offsets) > 0
-    assert len(grown) == len(lp.grows)  # a growing block's later part, drawn right above it
+    # a growing block's later part, drawn right above it, or right below where it grows down
+    assert len(grown) == len(lp.grows)
+    assert level != "iteration" or lp.grows_down  # every second offloaded layer's
     for g in grown:
         tid = g.get_gid().removeprefix("grow:")
         grow, grow_at = lp.grows[tid]
         assert (g.get_x(), g.get_width()) == (grow_at, lp.lifetimes[tid][1] - grow_at)
-        assert g.get_y() == pytest.approx((lp.offsets[tid] + lp.sizes[tid]) / MIB)
+        below = tid in lp.grows_down
+        assert g.get_y() == pytest.approx((lp.offsets[tid] + (0 if below else lp.sizes[tid]))
+                                          / MIB)
         assert g.get_height() == pytest.approx(grow / MIB)
     for r in rects:
         tid = r.get_gid().removeprefix("block:")
         start, end = lp.lifetimes[tid]
         assert (r.get_x(), r.get_width()) == (start, end - start)
-        assert r.get_y() == pytest.approx(lp.offsets[tid] / MIB)
+        above = lp.grows[tid][0] if tid in lp.grows_down else 0  # its first part on top
+        assert r.get_y() == pytest.approx((lp.offsets[tid] + above) / MIB)
         assert r.get_height() == pytest.approx(lp.sizes[tid] / MIB)
         assert to_hex(r.get_facecolor()) == KIND_COLORS[lp.kinds[tid]]
     peak = _line(ax, "peak").get_ydata()[0]
@@ -164,8 +169,10 @@ def test_caching_panel_replays_the_caching_allocator(plan, level):
     assert right.get_ylim()[1] >= sim.reserved_peak / MIB
     rects = _blocks(right)
     assert len(rects) == len(_blocks(left)) == len(lp.offsets)
-    for r in rects:
-        assert r.get_y() == pytest.approx(sim.offsets[r.get_gid().removeprefix("block:")] / MIB)
+    for r in rects:  # (a block growing down: its first part on top of what it will hold)
+        tid = r.get_gid().removeprefix("block:")
+        above = lp.grows[tid][0] if tid in lp.grows_down else 0
+        assert r.get_y() == pytest.approx((sim.offsets[tid] + above) / MIB)
     segments = [p for p in right.patches if p.get_gid() == "segment"]
     drawn = [v for s in sorted((s.get_y(), s.get_height()) for s in segments) for v in s]
     simulated = [v for a, z in sorted(sim.segments) for v in (a / MIB, z / MIB)]

@@ -430,9 +430,12 @@ class _LayerFunction(torch.autograd.Function):
                 n_inputs: int, *tensors: torch.Tensor) -> Any:
         inputs, states = list(tensors[:n_inputs]), list(tensors[n_inputs:])
         runner.copier.release_copied(before=index - 1)  # layer index-2's buffer is reused now
+        grows = runner.arena_on(inputs[0].device).grows  # blocks growing down: last tokens
+        copy_last = any(grows.get(f"split[{index}]:{c}", 0) < 0 for c in prog.handling)
         with runner.phase("forward", index, inputs[0].device, prog):
             outputs, state = forward_layer(prog, mode, alpha, runner.copier, index, states,
-                                           [t.detach() for t in inputs], poison=runner.poison)
+                                           [t.detach() for t in inputs], copy_last=copy_last,
+                                           poison=runner.poison)
         runner.pending[index] = weakref.ref(state)
         # the inputs are kept (copied or on the device), not saved for autograd: watch them
         ctx.input_versions = [(weakref.ref(t), t._version) for t in inputs]

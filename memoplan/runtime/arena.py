@@ -11,8 +11,9 @@ A block is leased for the time the plan gives it (from the prefetch during layer
 backward to the end of layer ``i``'s backward) and its views are handed out from the lease.
 A split tensor whose tokens are outermost in memory has a growing block of its own
 (``split[i]:NAME``): leased with its copied tokens' bytes during layer ``i+1``'s backward, and
-extended by the bytes of its recomputed tokens, right after them, when layer ``i``'s backward
-starts; the tensor is one view over the whole block.
+extended by the bytes of its recomputed tokens when layer ``i``'s backward starts: right after
+them, or right before them where its copied tokens are its last ones (the plan gives the block
+a negative growth: it grows down); the tensor is one view over the whole block.
 Safety does not rest on the plan being right: a lease whose address range overlaps a live
 lease (or, with the planned allocator, a live planned tensor) is refused, and a view that does
 not fit its block (a longer sequence than planned) is an ordinary allocation; both are counted
@@ -40,20 +41,24 @@ class Lease:
 
     def __init__(self, arena: Arena, name: str, start: int, size: int, grow: int = 0) -> None:
         self.arena, self.name, self.start, self.size = arena, name, start, size
-        self.grow = grow  # bytes right after the block it may claim later (extend())
+        # bytes it may claim later (extend()): right after the block, or right before it when
+        # negative (it grows down)
+        self.grow = grow
         self.used = 0
 
     def tensor(self, shape: tuple[int, ...], dtype: torch.dtype,
                order: list[int]) -> torch.Tensor | None:
-        """One tensor over the block from its start, to fill as the block grows (only its
-        first ``size`` bytes are claimed until ``extend()``); None where it does not fit."""
+        """One tensor over the block, to fill as the block grows (only ``size`` bytes are
+        claimed until ``extend()``): from its start, or, where it grows down, ending where the
+        block ends (its last bytes are the claimed ones); None where it does not fit."""
         laid = [shape[d] for d in order]
         nbytes = torch.Size(laid).numel() * dtype.itemsize
-        if not self.size + self.grow or nbytes > self.size + self.grow:
+        room = self.size + abs(self.grow)
+        if not room or nbytes > room:
             return None
-        self.used = max(self.used, min(nbytes, self.size))
+        self.used = self.size if self.grow < 0 else max(self.used, min(nbytes, self.size))
         self.arena.hits += 1
-        first = ALIGN + self.start
+        first = ALIGN + self.start + (self.size - nbytes if self.grow < 0 else 0)
         raw = self.arena.buffer[first: first + nbytes]
         return raw.view(dtype).view(laid).permute([order.index(d) for d in range(len(shape))])
 
@@ -62,17 +67,18 @@ class Lease:
         still in use (a live lease, or with the planned allocator a live planned tensor)."""
         if not self.grow:
             return True
-        end = self.start + self.size + self.grow
-        if any(l is not self and self.start < l.start + l.size and l.start < end
+        start = self.start + min(self.grow, 0)
+        size = self.size + abs(self.grow)
+        if any(l is not self and start < l.start + l.size and l.start < start + size
                for l in self.arena.leases.values()):
             return False
         planner = self.arena.planner
         if planner is not None:
             planner.unreserve(self.start)
-            if not planner.reserve(self.start, self.size + self.grow):
+            if not planner.reserve(start, size):
                 planner.reserve(self.start, self.size)
                 return False
-        self.size, self.grow = self.size + self.grow, 0
+        self.start, self.size, self.grow = start, size, 0
         self.used = self.size  # (poisoned whole on release)
         return True
 
@@ -111,7 +117,8 @@ class Arena:
     def __init__(self, blocks: dict[str, tuple[int, int]], nbytes: int,
                  device: torch.device, grows: dict[str, int] | None = None) -> None:
         self.blocks = blocks      # block name -> (offset, size)
-        self.grows = grows or {}  # growing block name -> the bytes it claims later
+        # growing block name -> the bytes it claims later (negative: right before it)
+        self.grows = grows or {}
         self.nbytes = nbytes
         self.device = device
         self.buffer: torch.Tensor | None = None

@@ -69,10 +69,11 @@ class LayerState:
 
     def __init__(self, index: int) -> None:
         self.index = index                             # the layer's position in the model
-        self.host: dict[str, torch.Tensor] = {}        # creator -> host copy (whole or first k tokens)
+        self.host: dict[str, torch.Tensor] = {}        # creator -> host copy (whole or k tokens)
         self.slot: dict[str, tuple] = {}               # creator -> its host buffer's slot
         self.device: dict[str, torch.Tensor] = {}      # kept on the device (keep mode, shared)
         self.split_at: dict[str, int] = {}             # creator -> k (tokens copied)
+        self.copied_from: dict[str, int] = {}          # creator -> its first copied token
         self.seq: dict[str, int] = {}                  # creator -> its full token count
         self.axis: dict[str, int] = {}                 # creator -> its token axis
         self.shape: dict[str, tuple[torch.Size, torch.dtype]] = {}  # creator -> full shape, dtype
@@ -88,8 +89,12 @@ class LayerState:
 
 def forward_layer(prog: LayerProgram, mode: str, alpha: float, copier: Copier, index: int,
                   params: list[torch.Tensor], inputs: list[torch.Tensor], *,
+                  copy_last: bool = False,
                   poison: bool = False) -> tuple[list[torch.Tensor], LayerState]:
     """Run the forward graph; return the outputs and the kept state.
+
+    ``copy_last``: copy the last ``alpha`` share of each split tensor's tokens to host, not
+    the first (the layer's split tensors' arena blocks grow down), and recompute the others.
 
     ``poison`` (debug): overwrite every dropped or copied-out device tensor with NaN after the
     forward, so a backward that read one instead of its rebuilt copy gives NaN gradients.
@@ -134,10 +139,11 @@ def forward_layer(prog: LayerProgram, mode: str, alpha: float, copier: Copier, i
             seq = value.shape[h.axis]
             k = int(alpha * seq)
             state.split_at[c], state.seq[c], state.axis[c] = k, seq, h.axis
+            state.copied_from[c] = seq - k if copy_last else 0
             state.shape[c] = (value.shape, value.dtype)
             state.layout[c] = dim_order(value)
             if k:
-                copies.append((c, value.narrow(h.axis, 0, k)))
+                copies.append((c, value.narrow(h.axis, state.copied_from[c], k)))
     if copies and not copier.sized:  # the first offloaded layer call sizes the host memory
         copier.reserve(lambda a: _host_bytes(prog, env, a), device)
     for c, value in copies:
@@ -221,10 +227,11 @@ def prefetch_layer(state: LayerState, copier: Copier, arena: Arena, device: torc
     """Start copying a layer's host copies back into the arena (idempotent). Called for layer i
     while layer i+1 runs its backward, and again, as a no-op or to catch up, when layer i's
     backward starts. Tensors copied whole come back into the ``prefetch[i]`` block. A split
-    tensor's buffer is laid out like the forward's tensor and its first k tokens are copied
-    into it here: in its own ``split[i]:NAME`` block, where its tokens are outermost (only
-    those k tokens' bytes are claimed now; the rest, where its dropped tokens are recomputed,
-    from layer i's own backward on, see ``_own_buffers``), else in the prefetch block."""
+    tensor's buffer is laid out like the forward's tensor and its k copied tokens (its first,
+    or its last: ``copied_from``) are copied into it here: in its own ``split[i]:NAME`` block,
+    where its tokens are outermost (only those k tokens' bytes are claimed now; the rest, where
+    its dropped tokens are recomputed, from layer i's own backward on, see ``_own_buffers``),
+    else in the prefetch block."""
     if state.lease is None:
         state.lease = arena.lease(f"prefetch[{state.index}]")
     for c, host in state.host.items():
@@ -237,7 +244,7 @@ def prefetch_layer(state: LayerState, copier: Copier, arena: Arena, device: torc
                                                   device=device)
         elif c in state.split_at:
             full = state.full[c] = _split_buffer(state, c, arena)
-            dest = full.narrow(state.axis[c], 0, state.split_at[c])
+            dest = _copied(state, c, full)
         else:
             dest = state.lease.empty(host.shape, host.dtype, state.layout[c])
         state.fetched[c] = copier.prefetch(host, dest, state.layout[c])
@@ -264,6 +271,11 @@ def _split_buffer(state: LayerState, c: str, arena: Arena) -> torch.Tensor:
     return state.lease.empty(shape, dtype, order)
 
 
+def _copied(state: LayerState, c: str, full: torch.Tensor) -> torch.Tensor:
+    """The copied tokens of split tensor ``c`` in ``full``, a buffer of all its tokens."""
+    return full.narrow(state.axis[c], state.copied_from[c], state.split_at[c])
+
+
 def _tokens_lead(state: LayerState, c: str) -> bool:
     """Whether split tensor ``c``'s token axis is outermost in its layout (size-1 dims aside):
     then its copied tokens are a prefix of its buffer."""
@@ -283,7 +295,7 @@ def _own_buffers(state: LayerState, copier: Copier, arena: Arena) -> None:
             state.full[c] = _split_buffer(state, c, arena)
         if c in state.head:
             head = copier.ready(state.fetched[c])
-            state.full[c].narrow(state.axis[c], 0, state.split_at[c]).copy_(head)
+            _copied(state, c, state.full[c]).copy_(head)
             del state.head[c]
             state.fetched[c] = (state.full[c], None)
     for c, lease in list(state.split_lease.items()):
@@ -291,10 +303,9 @@ def _own_buffers(state: LayerState, copier: Copier, arena: Arena) -> None:
             continue
         shape, dtype = state.shape[c]
         moved = empty_laid_out(shape, dtype, state.layout[c], device=arena.device)
-        k = state.split_at[c]
-        if k:
+        if state.split_at[c]:
             copier.ready(state.fetched[c])
-            moved.narrow(state.axis[c], 0, k).copy_(state.full[c].narrow(state.axis[c], 0, k))
+            _copied(state, c, moved).copy_(_copied(state, c, state.full[c]))
         state.full[c] = moved
         arena.misses += 1
         lease.release()
@@ -363,20 +374,22 @@ def backward_layer(prog: LayerProgram, mode: str, state: LayerState, copier: Cop
 
 def _rebuild_splits(prog: LayerProgram, state: LayerState, env: dict[str, Any],
                     copier: Copier) -> None:
-    """Every split tensor, whole, in its buffer: the first k tokens came from the host, the
-    others are recomputed into it, in one pass over the token-wise ops they need."""
-    groups: dict[tuple[int, int], list[str]] = {}
+    """Every split tensor, whole, in its buffer: k tokens came from the host (its first, or its
+    last), the others are recomputed into it, in one pass over the token-wise ops they need."""
+    # (first dropped token, dropped tokens, all tokens) -> split tensors
+    groups: dict[tuple[int, int, int], list[str]] = {}
     for c, k in state.split_at.items():
         if k:
             copier.ready(state.fetched[c])
-        groups.setdefault((k, state.seq[c]), []).append(c)
-    for (k, seq), creators in groups.items():
-        if k < seq:
+        first = k if state.copied_from[c] == 0 else 0
+        groups.setdefault((first, state.seq[c] - k, state.seq[c]), []).append(c)
+    for (first, n, seq), creators in groups.items():
+        if n:
             group = frozenset(creators)
             nodes, drops = prog.rebuild(group)
 
-            def stored(name: str, k: int = k, seq: int = seq) -> torch.Tensor:
-                return state.full[name].narrow(state.axis[name], k, seq - k)
+            def stored(name: str, first: int = first, n: int = n) -> torch.Tensor:
+                return state.full[name].narrow(state.axis[name], first, n)
 
             def into(name: str, group: frozenset = group) -> torch.Tensor | None:
                 """Where a rebuilt tensor's op may write its tokens directly: its buffer, when
@@ -390,9 +403,9 @@ def _rebuild_splits(prog: LayerProgram, state: LayerState, env: dict[str, Any],
                 if name in group:  # not written in place: copied
                     stored(name).copy_(value)
 
-            run_on_tokens(nodes, env.__getitem__, prog.axes, range(k, seq), seq,
+            run_on_tokens(nodes, env.__getitem__, prog.axes, range(first, first + n), seq,
                           drops=drops, made=made, into=into)
-            state.recomputed_tokens += (seq - k) * len(creators)
+            state.recomputed_tokens += n * len(creators)
     for c in state.split_at:
         env[c] = state.full[c]
 

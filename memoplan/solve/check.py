@@ -96,12 +96,12 @@ def _check_disjoint(blocks: Sequence[Block], placement: Placement) -> None:
 def _check_pair(a: Block, b: Block, offsets: dict) -> None:
     """Raise when blocks a and b (live at a common step) share an address (each holding what
     it holds during their common steps: a growing block its grown size once it has grown)."""
-    low_a, low_b = offsets[a.id], offsets[b.id]
-    size_a, size_b = a.reach(b), b.reach(a)
-    if low_a < low_b + size_b and low_b < low_a + size_a:
+    (low_a, high_a), (low_b, high_b) = ((offsets[x.id] + lo, offsets[x.id] + hi)
+                                        for x, (lo, hi) in ((a, a.span(b)), (b, b.span(a))))
+    if low_a < high_b and low_b < high_a:
         raise PlanCheckError(
-            f"blocks {a.id!r} ([{low_a}, {low_a + size_a}) bytes, steps [{a.start}, {a.end})) "
-            f"and {b.id!r} ([{low_b}, {low_b + size_b}) bytes, steps [{b.start}, {b.end})) "
+            f"blocks {a.id!r} ([{low_a}, {high_a}) bytes, steps [{a.start}, {a.end})) "
+            f"and {b.id!r} ([{low_b}, {high_b}) bytes, steps [{b.start}, {b.end})) "
             "are live together at overlapping addresses"
         )
 

@@ -12,8 +12,7 @@ overlap must not overlap in address. Here:
   the warm start of the MIP in `mip_dsa`; `greedy_offsets`, `lowest_fit`, `first_fit` and
   `peak_of` are its parts, shared with the MIP;
 - `search_orders`: iterated local search over the order in which blocks are placed first-fit,
-  the step `mip_dsa` runs between its start plan and CBC; `search_folded`, the same search
-  where blocks with the same key share an offset (level 2's layers, folded by a period);
+  the step `mip_dsa` runs between its start plan and CBC;
 - `simulate_best_fit`: an online best-fit allocator on one arena (a baseline).
 
 Lifetimes are half-open: a block freed at step ``j`` and one malloc'ed at step ``j`` may share
@@ -23,8 +22,11 @@ go to offset 0, but like every block they must end at or below the peak.
 A block may *grow*: ``size`` bytes from ``start``, ``size + grow`` bytes (the same offset, the
 extra bytes right after) from step ``grow_at`` until ``end``. This is one tensor whose first
 part is needed earlier than the rest (a split tensor's copied tokens arrive one layer before
-its recomputed ones, and the whole tensor must still be one contiguous buffer). Two blocks
-conflict over the bytes each holds during their common steps (`Block.reach`).
+its recomputed ones, and the whole tensor must still be one contiguous buffer). With
+``grows_down`` the early part is the tensor's last ``size`` bytes instead (its copied tokens
+are its last ones) and the extra bytes come right before them: the block spans
+``[offset, offset + size + grow)`` once grown either way. Two blocks conflict over the bytes
+each holds during their common steps (`Block.span`, `Block.below`).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class Block:
     end: int  # first request step at which it is dead again (exclusive)
     grow: int = 0  # extra bytes, right after `size`, live from step `grow_at` to `end`
     grow_at: int = 0
+    grows_down: bool = False  # the extra bytes come before `size`'s (see the module docstring)
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, int | str) or isinstance(self.id, bool):
@@ -75,9 +78,18 @@ class Block:
         """The most bytes the block holds at any step (what must fit under the peak)."""
         return self.size + self.grow
 
-    def reach(self, other: Block) -> int:
-        """Bytes this block holds (from its offset) during the steps it shares with `other`."""
-        return self.top if self.grow and self.grow_at < min(self.end, other.end) else self.size
+    def span(self, other: Block) -> tuple[int, int]:
+        """The bytes, from its offset, this block holds during the steps it shares with
+        `other`: ``[0, top)`` once it has grown by then, else its early part."""
+        if not self.grow or self.grow_at < min(self.end, other.end):
+            return 0, self.top
+        return (self.grow, self.top) if self.grows_down else (0, self.size)
+
+    def below(self, other: Block) -> int:
+        """How far above this block's offset `other`'s must be at least for this block to lie
+        below it while both live (the bytes this one holds then, less the bytes `other` leaves
+        free from its own offset)."""
+        return self.span(other)[1] - other.span(self)[0]
 
     @property
     def is_trivial(self) -> bool:
@@ -253,13 +265,15 @@ def hole_bound(blocks: Iterable[Block]) -> int:
     hole: a block b may lie there only if b is dead by ``G.grow_at`` (else both would hold those
     bytes at once). At a step k, take the growing blocks still in their head phase (a head of
     at least a byte), leaving out any that may lie in another's hole (dead by the other's
-    ``grow_at``): their holes are then pairwise disjoint. The peak must hold the live bytes and these holes, less what other live
-    blocks cover of the holes. Such a block f must be dead by the grow_at of the hole it is in,
-    covers at most one hole (covering two, it would contain the head just below the upper one,
-    live at k) and at most ``min(f.top, that hole)`` of it. So, at every step k:
+    ``grow_at``): their holes are then pairwise disjoint (two such blocks are whole together
+    at some step). The peak must hold the live bytes and these holes, less what other live
+    blocks cover of the holes. Such a block f must be dead by the grow_at of each hole it is
+    in. A hole lies right after its head, or right before it for a block that ``grows_down``,
+    and f contains no head (live at k): so it covers at most two holes, the hole of one that
+    grows up and, right above it, the hole of one that grows down. So, at every step k:
 
-        peak >= live(k) + max(0, sum of holes - sum over such f of min(f.top, largest hole f
-                                                                      may be in))
+        peak >= live(k) + max(0, sum of holes - sum over such f of min(f.top, largest hole
+                              of each direction f may be in, added))
 
     Without growing blocks this is `lower_bound`.
 
@@ -283,8 +297,9 @@ def hole_bound(blocks: Iterable[Block]) -> int:
             continue
         cover = 0
         for f in live:
-            room = [g.grow for g in holes if g is not f and f.end <= g.grow_at]
-            cover += min(f.top, max(room)) if room else 0
+            room = [g for g in holes if g is not f and f.end <= g.grow_at]
+            cover += min(f.top, max((g.grow for g in room if not g.grows_down), default=0)
+                         + max((g.grow for g in room if g.grows_down), default=0))
         held = sum(b.top if b.grow and b.grow_at <= k else b.size for b in live)
         best = max(best, held + max(0, sum(g.grow for g in holes) - cover))
     return best
@@ -315,10 +330,11 @@ def greedy_offsets(blocks: Sequence[Block]) -> dict[BlockId, int]:
 def lowest_fit(block: Block, placed: list[Block], offsets: dict[BlockId, int]) -> int:
     """Lowest offset where `block` fits between the placed blocks live at the same time.
 
-    Each such block forbids the offsets in (its offset - what `block` holds while both live,
-    its offset + what it holds then); the answer is the lowest offset >= 0 none forbids."""
+    Each such block forbids the offsets in (its offset - `block.below(it)`, its offset +
+    `it.below(block)`): with neither growing, (its offset - `block`'s size, its offset + its
+    size). The answer is the lowest offset >= 0 none forbids."""
     forbidden = sorted(
-        (offsets[other.id] - block.reach(other), offsets[other.id] + other.reach(block))
+        (offsets[other.id] - block.below(other), offsets[other.id] + other.below(block))
         for other in placed
         if lifetimes_overlap(block, other)
     )
@@ -337,7 +353,10 @@ def first_fit(blocks: Sequence[Block], order: Sequence[Block]) -> dict[BlockId, 
     Placing blocks in the order of any valid plan's offsets, lowest first, gives a plan whose
     peak is no higher: by induction each block lands at or below its offset in that plan (the
     blocks placed before it lie below it there, and were moved only down). So some order gives
-    an optimum, and `search_orders` searches over orders."""
+    an optimum, and `search_orders` searches over orders. With blocks that grow down this can
+    fail (a block in the hole under another's first bytes has the higher offset of the two but
+    lies below it in memory), so the search keeps the plan it starts from when it finds
+    nothing lower (`search_orders`)."""
     by_id = {b.id: b for b in blocks}
     placed: list[Block] = []
     offsets: dict[BlockId, int] = {}
@@ -409,73 +428,10 @@ def search_orders(blocks: Sequence[Block], offsets: dict[BlockId, int], *, targe
     order = sorted(range(len(live)), key=lambda i: (offsets[live[i].id], -live[i].top, i))
     placed = _FirstFit.of(live).search(order, target=target, deadline=deadline,
                                        max_evals=max_evals, seed=seed)
+    if max(p + b.top for p, b in zip(placed, live)) > peak_of(live, offsets):
+        placed = [offsets[b.id] for b in live]  # (blocks growing down: `first_fit`)
     result.update({b.id: placed[i] for i, b in enumerate(live)})
     return result
-
-
-def search_folded(blocks: Sequence[Block], key: Callable[[Block], object], *, target: int,
-                  deadline: float, first: Callable[[Block], bool] | None = None,
-                  seed: int = 0) -> dict[BlockId, int] | None:
-    """A valid plan in which the blocks with the same `key` share one offset, found by
-    `search_orders`' search on the folded instance; None when two blocks with the same key are
-    live at a common step (they cannot share an offset).
-
-    The folded instance has one block per key, as large as its largest member, conflicting
-    with another wherever a member of each conflict (with the most bytes either member holds
-    then): any placement of it is valid for every member. Level 2's iteration repeats with its
-    layers, so folding its layers by index modulo a period turns hundreds of blocks into a
-    period's worth (``levels.folded``), where the search finds layouts it does not find in the
-    whole (split tensors nested in another layer's holes, the pattern repeating every few
-    layers).
-
-    With `first`, the keys of the blocks it picks are searched alone first (`FOLD_FIRST_SHARE`
-    of the time) and kept where they are while the rest are searched around them: level 2's
-    backward, where the holes are, gets the search's attention before the forward, which a
-    folding meets easily, and whose blocks never meet the backward's."""
-    live = [b for b in blocks if not b.is_trivial]
-    folded = _fold(live, key)
-    if folded is None:
-        return None
-    of, fit = folded
-    by_size = sorted(range(len(fit.top)), key=lambda k: (-fit.top[k], k))  # greedy's order
-    order, fixed = by_size, {}
-    if first is not None:
-        early = sorted({k for b, k in zip(live, of, strict=True) if first(b)})
-        share = FOLD_FIRST_SHARE * (deadline - time.perf_counter())
-        sub = fit.restricted(early)
-        offsets = sub.search(sorted(range(len(early)), key=lambda k: (-sub.top[k], k)),
-                             target=target, deadline=time.perf_counter() + share, seed=seed)
-        fixed = {k: offsets[at] for at, k in enumerate(early)}
-        order = early + [k for k in by_size if k not in fixed]
-    placed = fit.search(order, target=target, deadline=deadline, seed=seed, fixed=fixed)
-    result = {b.id: 0 for b in blocks}
-    result.update({b.id: placed[k] for b, k in zip(live, of, strict=True)})
-    return result
-
-
-FOLD_FIRST_SHARE = 0.6  # of `search_folded`'s time, for the blocks it places first
-
-
-def _fold(live: list[Block], key: Callable[[Block], object]) -> tuple[list[int], _FirstFit] | None:
-    """Each block's key index, and the folded instance (`search_folded`); None when two blocks
-    with the same key are live at a common step."""
-    keys: dict[object, int] = {}
-    of = [keys.setdefault(key(b), len(keys)) for b in live]
-    tops = [0] * len(keys)
-    for b, k in zip(live, of, strict=True):
-        tops[k] = max(tops[k], b.top)
-    bytes_held: dict[tuple[int, int], tuple[int, int]] = {}
-    for i, j in conflicting_pairs(live):
-        a, b, u, v = live[i], live[j], of[i], of[j]
-        if u == v:
-            return None
-        for x, y, low, high in ((u, v, a.reach(b), b.reach(a)), (v, u, b.reach(a), a.reach(b))):
-            held = bytes_held.get((x, y), (0, 0))
-            bytes_held[(x, y)] = (max(held[0], low), max(held[1], high))
-    conflicts: list[list[tuple[int, int, int]]] = [[] for _ in tops]
-    for (x, y), (low, high) in bytes_held.items():
-        conflicts[x].append((y, low, high))
-    return of, _FirstFit(tops, conflicts)
 
 
 def conflicting_pairs(blocks: Sequence[Block]) -> list[tuple[int, int]]:
@@ -492,7 +448,8 @@ def conflicting_pairs(blocks: Sequence[Block]) -> list[tuple[int, int]]:
 
 class _FirstFit:
     """First-fit placement of blocks by index, given each block's size (`tops`) and its
-    conflicts: (other block, bytes this one holds while both live, bytes the other holds)."""
+    conflicts: (other block, how far below the other's offset this one's must stay to lie below
+    it, how far above to lie above it: `Block.below` each way)."""
 
     def __init__(self, tops: list[int], conflicts: list[list[tuple[int, int, int]]]) -> None:
         self.top = tops
@@ -504,16 +461,9 @@ class _FirstFit:
         conflicts: list[list[tuple[int, int, int]]] = [[] for _ in blocks]
         for i, j in conflicting_pairs(blocks):
             a, b = blocks[i], blocks[j]
-            conflicts[i].append((j, a.reach(b), b.reach(a)))
-            conflicts[j].append((i, b.reach(a), a.reach(b)))
+            conflicts[i].append((j, a.below(b), b.below(a)))
+            conflicts[j].append((i, b.below(a), a.below(b)))
         return cls([b.top for b in blocks], conflicts)
-
-    def restricted(self, indices: list[int]) -> _FirstFit:
-        """The blocks `indices` alone (renumbered in that order), their conflicts among them."""
-        at = {i: k for k, i in enumerate(indices)}
-        return _FirstFit([self.top[i] for i in indices],
-                         [[(at[j], low, high) for j, low, high in self.conflicts[i] if j in at]
-                          for i in indices])
 
     def place(self, order: list[int], offsets: list[int | None], first: int,
               limit: float) -> int | None:
@@ -537,31 +487,24 @@ class _FirstFit:
         return peak
 
     def search(self, order: list[int], *, target: int, deadline: float,
-               max_evals: int = 10**6, seed: int = 0,
-               fixed: dict[int, int] | None = None) -> list[int]:
-        """The offsets of the best first-fit order found from `order` (see `search_orders`);
-        the blocks in `fixed` (the first ones in `order`) keep the offsets it gives them."""
+               max_evals: int = 10**6, seed: int = 0) -> list[int]:
+        """The offsets of the best first-fit order found from `order` (see `search_orders`)."""
         n = len(self.top)
-        frozen = len(fixed or {})
-        base: list[int | None] = [None] * n
-        for i, offset in (fixed or {}).items():
-            base[i] = offset
-        placed = list(base)
-        peak = self.place(order, placed, frozen, math.inf)
+        placed: list[int | None] = [None] * n
+        peak = self.place(order, placed, 0, math.inf)
         best, best_order, best_placed = peak, order, placed
         rng = random.Random(seed)
         evals = since_lower = since_best = 0
-        while n - frozen > 1 and best > target and evals < max_evals \
+        while n > 1 and best > target and evals < max_evals \
                 and since_best < SEARCH_PATIENCE and time.perf_counter() < deadline:
             if since_lower >= SEARCH_STALL:
                 order = list(best_order)
                 for _ in range(SEARCH_KICK):
-                    order.insert(frozen + rng.randrange(n - frozen),
-                                 order.pop(frozen + rng.randrange(n - frozen)))
-                placed = list(base)
-                peak = self.place(order, placed, frozen, math.inf)
+                    order.insert(rng.randrange(n), order.pop(rng.randrange(n)))
+                placed = [None] * n
+                peak = self.place(order, placed, 0, math.inf)
                 since_lower = 0
-            i, j = rng.randrange(frozen, n), rng.randrange(frozen, n - 1)
+            i, j = rng.randrange(n), rng.randrange(n - 1)
             j += j >= i  # another place
             trial_order = list(order)
             trial_order.insert(j, trial_order.pop(i))

@@ -13,15 +13,18 @@ steps (``ir.Steps``)
 
 with, per layer i: ``fwd[i]`` (level-1 forward peak, its forward step), ``hidden[i]`` for i > 0
 (its input, the output of layer i-1, from the step that makes it until its copy is done during
-forward i+1, or until backward i for layers kept or checkpointed), ``round[i]`` (its saved tensors other than the input, a rounding
-buffer: until its copy is done during forward i+1, or until backward i for kept layers),
-``prefetch[i]`` (what comes back from the host during backward i+1, until backward i ends:
-the tensors copied whole, and the full buffers of split tensors whose tokens are not outermost
-in memory), ``split[i]:NAME`` for every other split tensor (a growing block: its copied tokens
-from backward i+1 on, its recomputed tokens right after them from backward i on, so while layer
-i+1 runs its backward layer i holds only what comes back from the host),
-``recompute[i]`` (the workspace for recomputing its dropped tokens), ``bwd[i]`` (level-1
-backward peak) and ``grad[i]`` (the gradient of its input, until backward i-1 is done).
+forward i+1, or until backward i for layers kept or checkpointed), ``round[i]`` (its saved
+tensors other than the input, a rounding buffer: until its copy is done during forward i+1, or
+until backward i for kept layers), ``prefetch[i]`` (what comes back from the host during
+backward i+1, until backward i ends: the tensors copied whole, and the full buffers of split
+tensors whose tokens are not outermost in memory), ``split[i]:NAME`` for every other split
+tensor (a growing block: its copied tokens from backward i+1 on, its recomputed tokens beside
+them from backward i on, so while layer i+1 runs its backward layer i holds only what comes
+back from the host; every second layer of a run copies its last tokens instead of its first,
+and its block grows down: `_chains`), ``recompute[i]`` (the workspace for recomputing its
+dropped tokens), ``bwd[i]`` (level-1 backward peak) and ``grad[i]`` (the gradient of its input,
+until backward i-1 is done). A kept layer right above an offloaded one has its split tensors
+in blocks of their own, ``kept[i]:NAME``, outside its rounding buffer.
 
 The arena holds only what the runtime places there. The embedding's output (layer 0's input),
 the logits and the loss are made by the model's own code outside the wrapped layers, so they
@@ -33,10 +36,11 @@ greedy-by-size and a simulation of PyTorch's caching allocator on the same block
 Level 2 starts from the best of greedy-by-size and three placements built from its structure
 (`level2_starts`): the phases come in order, so the blocks that span the forward and the
 backward are all live at the head step and nest (`phase_ordered`); each offloaded layer's
-split tensors can sit whole above its prefetch block (`stacked_splits`); and the layers repeat,
-so layer i's blocks can sit where layer i + p's do, a layout searched on a period's worth of
-blocks (`folded`, in `FOLD_SHARE` of the time limit). Where the start meets the lower bound, no
-search and no MIP run (the placement's ``note`` says so).
+split tensors can sit whole above its prefetch block (`stacked_splits`); and each split tensor's
+layers can interleave two by two, one growing up and the next down, so that a tensor needs
+N + h bytes in the backward instead of 2N (`chained_splits`, with an order search in
+`START_SHARE` of the time limit). Where the start meets the lower bound, no search and no MIP
+run (the placement's ``note`` says so).
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from memoplan.solve.caching_sim import simulate_caching_allocator
 from memoplan.solve.check import check_placement
 from memoplan.solve.config import SolveConfig
 from memoplan.solve.dsa import (Block, Placement, blocks_from_requests, first_fit, hole_bound,
-                                lower_bound, peak_of, search_folded, solve_greedy)
+                                lower_bound, peak_of, search_orders, solve_greedy)
 from memoplan.solve.mip_dsa import solve_mip
 from memoplan.solve.parallel import fsdp_headroom, ring_requests
 from memoplan.solve.swap import LayerBytes, aligned, per_gpu_bytes
@@ -96,7 +100,7 @@ def place_level(blocks: list[Block], *, time_limit: float, unit: int, name: str 
                               f"solving {name}: best {best / 2**20:.1f} MiB, bound "
                               f"{bound / 2**20:.1f} MiB"))
     check_placement(blocks, placement)
-    if placement.method == start.method and start.note:  # e.g. the period of a folded start
+    if placement.method == start.method and start.note:  # e.g. what a chained start chained
         placement = dataclasses.replace(placement, note=f"{placement.note} ({start.note})")
     progress(f"solved {name}: {placement.note}")
     return placement
@@ -115,6 +119,7 @@ def solve_level(blocks: list[Block], *, time_limit: float, unit: int, name: str,
     return LevelPlan(offsets=offsets, sizes={str(b.id): b.size for b in live},
                      lifetimes={str(b.id): (b.start, b.end) for b in live},
                      grows={str(b.id): (b.grow, b.grow_at) for b in live if b.grow},
+                     grows_down=tuple(str(b.id) for b in live if b.grow and b.grows_down),
                      kinds={str(b.id): kinds.get(str(b.id), "transient") for b in live},
                      peak=placement.peak,
                      lower_bound=lower_bound(live), greedy_peak=greedy.peak,
@@ -190,6 +195,8 @@ def level2_blocks(layers: Sequence[LayerDecision], lb: LayerBytes, fwd_peak: int
         blocks.append(Block(id=f"{name}[{i}]", size=int(math.ceil(size / align) * align),
                             start=first, end=last + 1))
 
+    heads, down = _chains(layers)
+
     def add_split(i: int, alpha: float, first: int) -> int:
         """Growing blocks of layer i's split tensors whose tokens are outermost; the bytes
         of the others (their full buffers come back with the prefetch)."""
@@ -203,7 +210,7 @@ def level2_blocks(layers: Sequence[LayerDecision], lb: LayerBytes, fwd_peak: int
             name = f"split[{i}]:{t.name}"
             if head and tail:
                 blocks.append(Block(id=name, size=head, start=first, end=B(i) + 1,
-                                    grow=tail, grow_at=R(i)))
+                                    grow=tail, grow_at=R(i), grows_down=i in down))
             elif head:
                 blocks.append(Block(id=name, size=head, start=first, end=B(i) + 1))
             else:
@@ -226,7 +233,11 @@ def level2_blocks(layers: Sequence[LayerDecision], lb: LayerBytes, fwd_peak: int
             add("recompute", i, int((1.0 - d.alpha) * fwd_peak), R(i), R(i))
         elif d.mode == "keep":
             add("hidden", i, lb.input, made, B(i))
-            add("round", i, skeletal_rest, F(i), B(i))
+            kept = [t for t in lb.splits if t.outer] if i in heads else []
+            for t in kept:  # whole, where the layer below's copied tokens can nest (`chains`)
+                blocks.append(Block(id=f"kept[{i}]:{t.name}", size=t.nbytes, start=F(i),
+                                    end=B(i) + 1))
+            add("round", i, skeletal_rest - sum(t.nbytes for t in kept), F(i), B(i))
         else:  # checkpointed: forward runs without keeping its saved tensors
             add("hidden", i, lb.input, made, B(i))
             add("round", i, skeletal_rest, F(i), F(i))
@@ -235,97 +246,56 @@ def level2_blocks(layers: Sequence[LayerDecision], lb: LayerBytes, fwd_peak: int
     return blocks
 
 
+def _chains(layers: Sequence[LayerDecision]) -> tuple[set[int], set[int]]:
+    """The kept layers right above an offloaded layer that splits its tensors (their split
+    tensors become blocks of their own, ``kept[i]:NAME``, which can lie where that layer's
+    recomputed tokens go, until they come), and the offloaded layers whose split tensors'
+    copied tokens are their last ones, growing down: every second layer of each run of
+    offloaded layers with the same alpha, from the run's last layer (growing up), the first
+    whose backward runs (`chained_splits` interleaves them)."""
+    by_index = {d.index: d for d in layers}
+    heads, down = set(), set()
+    for d in sorted(layers, key=lambda d: -d.index):
+        above = by_index.get(d.index + 1)
+        if d.mode != "offload" or not 0 < d.alpha < 1 or above is None:
+            continue
+        if above.mode == "keep":
+            heads.add(above.index)
+        elif above.mode == "offload" and above.alpha == d.alpha and above.index not in down:
+            down.add(d.index)
+    return heads, down
+
+
 def level2(layers: Sequence[LayerDecision], lb: LayerBytes, fwd: LevelPlan, bwd: LevelPlan,
            cfg: SolveConfig, progress: Progress) -> LevelPlan:
     blocks = level2_blocks(layers, lb, fwd.peak, bwd.peak, cfg.align)
     kinds = {str(b.id): LEVEL2_KINDS[str(b.id).split("[")[0]] for b in blocks}
     began = time.perf_counter()
-    progress(f"folding level 2 ({len(blocks)} tensors) every few layers")
-    starts = level2_starts(blocks, len(layers), seconds=FOLD_SHARE * cfg.time_limit)
+    progress(f"interleaving level 2's split tensors ({len(blocks)} tensors)")
+    starts = level2_starts(blocks, len(layers), seconds=START_SHARE * cfg.time_limit)
     left = max(cfg.time_limit - (time.perf_counter() - began), 0.1 * cfg.time_limit)
     return solve_level(blocks, time_limit=left,
                        unit=cfg.align, name="level 2 iteration", kinds=kinds, progress=progress,
                        starts=starts)
 
 
-FOLD_SHARE = 0.5  # of the time limit, for the folded starts; the solver gets the rest
-# (forward period, backward period) in layers, tried in turn; see `folded`
-FOLD_PERIODS = ((6, 3), (6, 4))
-FORWARD_KINDS = ("fwd", "hidden", "round")
+START_SHARE = 0.5  # of the time limit, for the order search of `chained_splits`; the solver
+# gets the rest
 
 
 def level2_starts(blocks: list[Block], layers: int,
                   seconds: float = 0.0) -> list[Placement | None]:
-    """Level 2's structured start plans (module docstring): `phase_ordered`, `stacked_splits`,
-    and in `seconds` the best of `folded` by each of `FOLD_PERIODS`, unless one of the first
-    two (or greedy-by-size) already meets the lower bound (None in its place then)."""
-    cheap = [phase_ordered(blocks, Steps(layers).head), stacked_splits(blocks)]
+    """Level 2's structured start plans (module docstring): `phase_ordered`, `stacked_splits`
+    and `chained_splits`, the last with an order search in `seconds` unless one of them (or
+    greedy-by-size) already meets the lower bound."""
+    starts = [phase_ordered(blocks, Steps(layers).head), stacked_splits(blocks),
+              chained_splits(blocks, layers)]
     live = [b for b in blocks if not b.is_trivial]
     bound = max([hole_bound(live)] + [b.top for b in live])
-    best = min([solve_greedy(live).peak] + [s.peak for s in cheap if s is not None])
-    if best <= bound:
-        return [*cheap, None]
-    return [*cheap, folded(blocks, layers, deadline=time.perf_counter() + seconds)]
-
-
-def folded(blocks: list[Block], layers: int, *, deadline: float) -> Placement | None:
-    """The iteration folded by layer (`dsa.search_folded`): a plan in which layer i's block of
-    each kind (and split tensor) sits where layer i + p's does, for the periods of
-    `FOLD_PERIODS` (p in the forward, another in the backward: they never meet) and key whose
-    search (an equal share of the time to `deadline`) ends lowest. The backward and what lives
-    into it are searched first. None when there is no time or no period below `layers`.
-
-    In the backward each layer's split tensors are whole while the layer before holds only
-    their copied tokens, with a hole after each. A hole can take a smaller tensor of the next
-    layer, but not in a layout that repeats every 2 layers: that slot holds the same smaller
-    tensor's copied tokens two layers on, while the larger one around it is whole again (and a
-    chain of one tensor per layer needs two whole tensors: tests/test_dsa.py). Over 3 or more
-    layers the pattern can rotate; on the whole iteration (hundreds of blocks) the order search
-    does not find such layouts in its time, on the folded one (a period's worth) it does. The
-    forward's rounding buffers alternate every 2 layers and its inputs every 3: 6 fits both.
-    Blocks that differ in size or growth (a checkpointed layer's buffers, another alpha) fold
-    apart, with offsets of their own; each period is tried with and without lifetimes in the
-    key (`_fold_key`)."""
-    live = [b for b in blocks if not b.is_trivial]
-    tries = [(pf, pb, lifetime) for lifetime in (False, True) for pf, pb in FOLD_PERIODS
-             if pb < layers]
-    head = Steps(layers).head
-    began, target, best = time.perf_counter(), hole_bound(live), None
-    for n, (pf, pb, lifetime) in enumerate(tries):
-        share = (deadline - time.perf_counter()) / (len(tries) - n)
-        if share <= 0:
-            break
-        offsets = search_folded(
-            live, lambda b, pf=pf, pb=pb, lt=lifetime: _fold_key(b, pf, pb, lifetime=lt),
-            target=target, deadline=time.perf_counter() + share, first=lambda b: b.end > head)
-        if offsets is None:  # blocks of one key live together: the time goes to the next try
-            continue
-        peak = peak_of(live, offsets)
-        if best is None or peak < best.peak:
-            offsets.update({b.id: 0 for b in blocks if b.is_trivial})
-            best = Placement(offsets=offsets, peak=peak, lower_bound=lower_bound(live),
-                             method="folded", status="feasible", gap=0.0,
-                             seconds=time.perf_counter() - began,
-                             note=f"folded every {pf} layers in the forward, {pb} in the "
-                                  f"backward{', by lifetime too' if lifetime else ''}")
-        if peak <= target:
-            break
-    return best
-
-
-def _fold_key(block: Block, forward: int, backward: int, *, lifetime: bool = False) -> tuple:
-    """What a level-2 block shares an offset with when the layers fold (`folded`): its kind and
-    tensor, its layer modulo the period of its phase, its size and growth, and with `lifetime`
-    how long it lives. Without it a kept layer's input and rounding buffer fold with the
-    offloaded layers' (same sizes): sometimes best (Llama-7B at 32K: the kept layer's buffers
-    take the place the next layer's would), sometimes bad (GPT-7B at 64K: the forward must
-    keep the place the backward chose for them), and impossible once 7 or more layers live
-    long (two inputs of one key live together). `folded` tries both."""
-    name, _, tensor = str(block.id).partition(":")
-    kind, _, layer = name.rstrip("]").partition("[")
-    period = forward if kind in FORWARD_KINDS else backward
-    key = (kind, tensor, int(layer) % period, block.size, block.grow)
-    return (*key, block.end - block.start) if lifetime else key
+    best = min([solve_greedy(live).peak] + [s.peak for s in starts if s is not None])
+    if starts[2] is not None and best > bound:
+        starts[2] = chained_splits(blocks, layers, deadline=time.perf_counter() + seconds)
+    return starts
 
 
 def phase_ordered(blocks: list[Block], head: int) -> Placement:
@@ -392,6 +362,89 @@ def stacked_splits(blocks: list[Block]) -> Placement | None:
                      method="stacked", status="feasible", gap=0.0, seconds=base.seconds)
 
 
+def chained_splits(blocks: list[Block], layers: int, *,
+                   deadline: float | None = None) -> Placement | None:
+    """A valid placement where each split tensor's layers interleave two by two: greedy-by-size
+    (or `phase_ordered`, the lower) on the blocks with each chain of one tensor's blocks merged
+    into one (`chains`), then each layer's block put back inside it. None without a chain.
+
+    While layer i holds a split tensor whole (N bytes), layer i-1 holds its copied tokens (h
+    bytes), and they need N + h bytes together, not 2N. A merged block of N + h bytes holds
+    them: layer i at its bottom (growing up from its copied tokens), layer i-1 h bytes above
+    (growing down: its copied tokens are its last ones and lie right above layer i's tensor),
+    layer i-2 at the bottom again, and so on, with no hole left in the backward (where
+    `stacked_splits` leaves N - h bytes per tensor). Each try (greedy-by-size and
+    `phase_ordered` on the merged blocks) gets an order search (`dsa.search_orders`) in an
+    equal share of the time to `deadline`, when there is one."""
+    live = [b for b in blocks if not b.is_trivial]
+    found = chains(live)
+    if not found:
+        return None
+    inside = {b.id for c in found for b in c}
+    merged = [b for b in live if b.id not in inside] + [_merged(c) for c in found]
+    tries = [solve_greedy(merged), phase_ordered(merged, Steps(layers).head)]
+    if deadline is not None:
+        target = hole_bound(live)
+        for n, start in enumerate(list(tries)):
+            share = (deadline - time.perf_counter()) / (len(tries) - n)
+            searched = search_orders(merged, start.offsets, target=target,
+                                     deadline=time.perf_counter() + share)
+            tries.append(dataclasses.replace(start, offsets=searched,
+                                             peak=peak_of(merged, searched)))
+    base = min(tries, key=lambda p: p.peak)
+    at = base.offsets
+    offsets = {b.id: at[b.id] for b in live if b.id not in inside}
+    for c in found:
+        offsets.update(_unmerged(c, at[_merged(c).id]))
+    for b in blocks:
+        offsets.setdefault(b.id, 0)
+    return Placement(offsets=offsets, peak=peak_of(live, offsets), lower_bound=lower_bound(live),
+                     method="chained", status="feasible", gap=0.0, seconds=base.seconds,
+                     note=f"{len(found)} runs of split tensors interleaved over "
+                          f"{sum(map(len, found))} layer tensors")
+
+
+def chains(live: list[Block]) -> list[list[Block]]:
+    """Each split tensor's runs of layers that interleave (`chained_splits`), top layer first:
+    consecutive layers whose growing blocks match in size and growth and alternate in
+    direction, the first growing up. Runs of one layer are left out."""
+    by_tensor: dict[str, dict[int, Block]] = {}
+    for b in live:
+        name, _, tensor = str(b.id).partition(":")
+        if name.startswith("split[") and b.grow:
+            by_tensor.setdefault(tensor, {})[int(name[6:-1])] = b
+    found = []
+    for members in by_tensor.values():
+        run: list[Block] = []
+        for i in sorted(members, reverse=True):
+            b, last = members[i], run[-1] if run else None
+            if last is not None and members.get(i + 1) is last and b.grows_down != last.grows_down \
+                    and (b.size, b.grow) == (last.size, last.grow):
+                run.append(b)
+                continue
+            if len(run) > 1:
+                found.append(run)
+            run = [] if b.grows_down else [b]
+        if len(run) > 1:
+            found.append(run)
+    return found
+
+
+def _merged(chain: list[Block]) -> Block:
+    """One block for a chain (`chains`): the first layer's copied tokens (h bytes) from their
+    start, N + h bytes from its growth on (when the next layer's copied tokens come), until
+    the last layer ends."""
+    first = chain[0]
+    return Block(id=f"chain:{first.id}", size=first.size, start=first.start,
+                 end=max(b.end for b in chain), grow=first.top, grow_at=first.grow_at)
+
+
+def _unmerged(chain: list[Block], at: int) -> dict:
+    """The links' offsets in a merged block at `at`: growing down, right above the copied
+    tokens (h bytes) of the links growing up, which sit at the bottom."""
+    return {b.id: at + (b.size if b.grows_down else 0) for b in chain}
+
+
 LEVEL2_KINDS = {"fwd": "transient", "bwd": "transient", "grad": "grad",
-                "hidden": "input", "round": "rounding", "prefetch": "prefetch",
+                "hidden": "input", "round": "rounding", "kept": "rounding", "prefetch": "prefetch",
                 "split": "split", "recompute": "recompute"}

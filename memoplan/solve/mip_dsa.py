@@ -37,6 +37,7 @@ plan's method ("greedy" or the warm start's). ``stages`` gives the peak after ea
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import pickle
@@ -244,10 +245,7 @@ def _gcd_unit(blocks: Sequence[Block]) -> int:
 
 def _problem(blocks: list[Block], unit: int) -> _Problem:
     """Scale sizes to units (rounding up) and find the universal and identical blocks."""
-    scaled = [
-        Block(id=b.id, size=-(-b.size // unit), start=b.start, end=b.end,
-              grow=-(-b.grow // unit), grow_at=b.grow_at) for b in blocks
-    ]
+    scaled = [_scaled(b, unit) for b in blocks]
     active = [i for i, b in enumerate(scaled) if not b.is_trivial]
     grow_steps = [b.grow_at for b in scaled if b.grow and not b.is_trivial]
     universal = [i for i in _universal(scaled, active)  # live when every block grows: not
@@ -257,7 +255,8 @@ def _problem(blocks: list[Block], unit: int) -> _Problem:
     for i in active:
         if i not in pinned:
             b = scaled[i]
-            by_key.setdefault((b.size, b.grow, b.grow_at, b.start, b.end), []).append(i)
+            by_key.setdefault((b.size, b.grow, b.grow_at, b.grows_down, b.start, b.end),
+                              []).append(i)
     groups = [members for members in by_key.values() if len(members) > 1]
     bound = max([hole_bound(scaled)] + [b.top for b in scaled])  # every block fits under M
     return _Problem(
@@ -268,6 +267,17 @@ def _problem(blocks: list[Block], unit: int) -> _Problem:
         groups=groups,
         names=_names(scaled),
     )
+
+
+def _scaled(block: Block, unit: int) -> Block:
+    """`block` in units, holding at least its bytes at every step: sizes round up; for a block
+    that grows down, its top rounds up and its growth down, so that its early part, the last
+    bytes, stays inside the last units."""
+    if not block.grows_down:
+        return dataclasses.replace(block, size=-(-block.size // unit), grow=-(-block.grow // unit))
+    grow = block.grow // unit
+    return dataclasses.replace(block, size=-(-block.top // unit) - grow, grow=grow,
+                               grows_down=bool(grow))
 
 
 def _universal(blocks: list[Block], active: list[int]) -> list[int]:
@@ -329,10 +339,9 @@ def _first_clash(blocks: list[Block], offsets: dict[BlockId, int]) -> tuple | No
     live: list[Block] = []
     for block in order:
         live = [other for other in live if other.end > block.start]
-        low = offsets[block.id]
         for other in live:
-            if max(low, offsets[other.id]) < min(low + block.reach(other),
-                                                 offsets[other.id] + other.reach(block)):
+            if not (offsets[block.id] + block.below(other) <= offsets[other.id]
+                    or offsets[other.id] + other.below(block) <= offsets[block.id]):
                 return other.id, block.id
         live.append(block)
     return None
@@ -508,18 +517,18 @@ def _add_pair(
     a_var, b_var = offsets[a.id], offsets[b.id]
     z = model.add_var(f"below[{name_a},{name_b}]", var_type=mip.BINARY)
     model.add_constr(
-        mip.LinExpr([a_var, b_var, z], [1, -1, big_m]) <= big_m - a.reach(b),
+        mip.LinExpr([a_var, b_var, z], [1, -1, big_m]) <= big_m - a.below(b),
         name=f"nooverlap[{name_a},{name_b}]",
     )
     if not split:
         model.add_constr(
-            mip.LinExpr([b_var, a_var, z], [1, -1, -big_m]) <= -b.reach(a),
+            mip.LinExpr([b_var, a_var, z], [1, -1, -big_m]) <= -b.below(a),
             name=f"nooverlap[{name_b},{name_a}]",
         )
         return {(i, j): z}
     z_back = model.add_var(f"below[{name_b},{name_a}]", var_type=mip.BINARY)
     model.add_constr(
-        mip.LinExpr([b_var, a_var, z_back], [1, -1, big_m]) <= big_m - b.reach(a),
+        mip.LinExpr([b_var, a_var, z_back], [1, -1, big_m]) <= big_m - b.below(a),
         name=f"nooverlap[{name_b},{name_a}]",
     )
     model.add_constr(mip.LinExpr([z, z_back], [1, 1]) == 1, name=f"order[{name_a},{name_b}]")
@@ -533,7 +542,7 @@ def _add_symmetry(model: mip.Model, problem: _Problem, offsets: dict[BlockId, mi
         for i, j in zip(members, members[1:]):
             a, b = problem.blocks[i], problem.blocks[j]
             model.add_constr(
-                mip.LinExpr([offsets[a.id], offsets[b.id]], [1, -1]) <= -a.reach(b),
+                mip.LinExpr([offsets[a.id], offsets[b.id]], [1, -1]) <= -a.below(b),
                 name=f"sym[{problem.names[a.id]},{problem.names[b.id]}]",
             )
 
@@ -550,7 +559,7 @@ def _start_values(
     values.append((peak, start.peak))
     for (i, j), z in below.items():
         a, b = problem.blocks[i], problem.blocks[j]
-        values.append((z, 1 if start.offsets[a.id] + a.reach(b) <= start.offsets[b.id] else 0))
+        values.append((z, 1 if start.offsets[a.id] + a.below(b) <= start.offsets[b.id] else 0))
     return values
 
 

@@ -3,7 +3,8 @@
 - ``scripts``: for each layer's forward and backward, the (bytes, arena offset) of every
   request in order, for the planned allocator to replay: forward transients at their level-1
   offset inside the layer's ``fwd[i]`` block, its saved tensors one after the other in
-  ``round[i]``, its output in the next layer's ``hidden`` block; backward transients inside
+  ``round[i]`` (a kept layer's split tensors in their own ``kept[i]:NAME`` blocks, where level 2
+  has them), its output in the next layer's ``hidden`` block; backward transients inside
   ``bwd[i]``, the gradient of the layer's input in ``grad[i]`` (where it lives until the layer
   below has used it), parameter gradients in the pool (they become ``.grad``: model states,
   outside the arena). The recompute phase has no trace of its requests: its script names the
@@ -12,7 +13,9 @@
   attention's buffers (``ring``: its ``ring:*`` blocks), where the ring call's requests, which
   no trace lists either, go first-fit while it runs (``runtime.ring``). A checkpointed layer's
   re-run has none: its ring call's requests go into ``recompute[i]`` with the rest of it.
-- ``arena``: the blocks the runtime's own buffers live in (``prefetch[i]``, ``split[i]:NAME``).
+- ``arena``: the blocks the runtime's own buffers live in (``prefetch[i]``, ``split[i]:NAME``):
+  (offset, bytes, bytes claimed later), those later bytes right after the block, or right before
+  it when negative (a split tensor whose copied tokens are its last ones: its block grows down).
 """
 
 from __future__ import annotations
@@ -32,13 +35,20 @@ def runtime_layer(profile: Profile, cfg: SolveConfig, levels: dict[str, LevelPla
     it = levels["iteration"]
     scripts = {ph: tuple(phase_script(profile, cfg, levels, ph, d.index) for d in layers)
                for ph in PHASES}
-    arena = {name: (it.offsets[name], it.sizes[name], it.grows.get(name, (0, 0))[0])
-             for name in it.offsets if name.startswith(("prefetch[", "split["))}
+    arena = {name: _arena_block(it, name) for name in it.offsets
+             if name.startswith(("prefetch[", "split["))}
     return RuntimeLayer(
         saved=tuple(RuntimeSaved(name=t.name, kind=t.kind, token_wise=t.token_wise,
                                  seq_axis=t.seq_axis) for t in profile.layer.saved),
         nodes=tuple(full["nodes"]), segments=tuple(full["segments"]),
         trace_seq=profile.seq_lens[0], arena=arena, scripts=scripts)
+
+
+def _arena_block(it: LevelPlan, name: str) -> tuple[int, int, int]:
+    """(offset, bytes, bytes claimed later) of a runtime block: a growing block's first bytes
+    and its growth, right after them, or right before them (negative) where it grows down."""
+    at, size, grow = it.offsets[name], it.sizes[name], it.grows.get(name, (0, 0))[0]
+    return (at + grow, size, -grow) if name in it.grows_down else (at, size, grow)
 
 
 def phase_script(profile: Profile, cfg: SolveConfig, levels: dict[str, LevelPlan], phase: str,
@@ -56,6 +66,9 @@ def phase_script(profile: Profile, cfg: SolveConfig, levels: dict[str, LevelPlan
     base, _ = block(f"{'fwd' if phase == 'forward' else 'bwd'}[{index}]")
     rounding, hidden, grad = block(f"round[{index}]"), block(f"hidden[{index + 1}]"), \
         block(f"grad[{index}]")
+    # a kept layer's split tensors with blocks of their own (``solve.levels``): by tensor id
+    kept = {t.tensor_id: block(f"kept[{index}]:{t.name}") for t in profile.layer.saved
+            if f"kept[{index}]:{t.name}" in it.offsets} if phase == "forward" else {}
     reqs = profile.layer.requests_forward if phase == "forward" else profile.layer.requests_backward
     used = out_used = 0
     seen: dict[int, int] = {}
@@ -75,6 +88,9 @@ def phase_script(profile: Profile, cfg: SolveConfig, levels: dict[str, LevelPlan
         elif phase == "forward" and t.role == "output":  # level 1 has it too, till it ends
             if hidden[0] is not None and out_used + size <= hidden[1]:
                 offset, out_used = hidden[0] + out_used, out_used + size
+        elif phase == "forward" and tid in kept:
+            if n == 0 and size <= kept[tid][1]:
+                offset = kept[tid][0]
         elif phase == "forward" and t.role == "skeletal":
             if rounding[0] is not None and used + size <= rounding[1]:
                 offset, used = rounding[0] + used, used + size
