@@ -104,6 +104,31 @@ def test_arena_leases_views_and_fallbacks():
     assert arena.holds(arena.lease("b").empty((4,), torch.float32))  # free to lease now
 
 
+def test_a_lease_growing_down_ends_its_view_at_its_claimed_bytes():
+    """A split tensor whose copied tokens are its last (``split[i]:NAME`` with a negative
+    growth): its view ends where the claimed bytes end, 16-byte aligned where its copied bytes
+    still lie in them; extend() claims the bytes below, unless a live lease holds them."""
+    arena = Arena({"d": (4096, 1024), "u": (0, 1024)}, 8192, torch.device("cpu"),
+                  grows={"d": -3072, "u": 1024})
+    base = arena.lease("u").tensor((10,), torch.float32, [0])  # "u" holds [0, 1024) now
+    d = arena.lease("d")
+    # 300 float32 (1200 bytes), its last 100 copied: aligned, the copied 400 bytes stay in
+    full = d.tensor((300,), torch.float32, [0], last=400)
+    start = full.data_ptr() - base.data_ptr()
+    assert start % 16 == 0 and 4096 <= start + 1200 - 400 and start + 1200 <= 4096 + 1024
+    # 257 float32 whose last 1024 bytes are copied: no room to align, the view ends exactly
+    # at the end of the claimed bytes
+    exact = d.tensor((257,), torch.float32, [0], last=1024)
+    assert exact.data_ptr() - base.data_ptr() + 257 * 4 == 4096 + 1024
+    assert d.extend() and (d.start, d.size, d.grow) == (1024, 4096, 0)
+    # a live lease below: extend() claims nothing
+    blocker = Arena({"d": (4096, 1024), "x": (2048, 512)}, 8192, torch.device("cpu"),
+                    grows={"d": -3072})
+    blocker.lease("x")
+    held = blocker.lease("d")
+    assert not held.extend() and (held.start, held.size, held.grow) == (4096, 1024, -3072)
+
+
 def test_two_forwards_then_two_backwards():
     """Two micro-batches forward, then the first one's backward: layer i+1 prefetches the
     pending (second) call of layer i, whose block the first call's layer i then finds leased:

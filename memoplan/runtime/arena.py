@@ -46,11 +46,12 @@ class Lease:
         self.grow = grow
         self.used = 0
 
-    def tensor(self, shape: tuple[int, ...], dtype: torch.dtype,
-               order: list[int]) -> torch.Tensor | None:
+    def tensor(self, shape: tuple[int, ...], dtype: torch.dtype, order: list[int],
+               last: int = 0) -> torch.Tensor | None:
         """One tensor over the block, to fill as the block grows (only ``size`` bytes are
-        claimed until ``extend()``): from its start, or, where it grows down, ending where the
-        block ends (its last bytes are the claimed ones); None where it does not fit."""
+        claimed until ``extend()``): from its start, or, where it grows down, with its ``last``
+        bytes (what fills them first) at the end of the claimed ones, and its start 16-byte
+        aligned where that keeps them there; None where it does not fit."""
         laid = [shape[d] for d in order]
         nbytes = torch.Size(laid).numel() * dtype.itemsize
         room = self.size + abs(self.grow)
@@ -58,7 +59,11 @@ class Lease:
             return None
         self.used = self.size if self.grow < 0 else max(self.used, min(nbytes, self.size))
         self.arena.hits += 1
-        first = ALIGN + self.start + (self.size - nbytes if self.grow < 0 else 0)
+        at = 0
+        if self.grow < 0:  # (a misaligned start only slows kernels: only where it must)
+            at = self.size - nbytes
+            at -= (self.start + at) % 16 if (self.start + at) % 16 <= self.size - last else 0
+        first = ALIGN + self.start + at
         raw = self.arena.buffer[first: first + nbytes]
         return raw.view(dtype).view(laid).permute([order.index(d) for d in range(len(shape))])
 

@@ -19,6 +19,7 @@ back on a host-to-device stream (see ``streams.py``) into views of the plan's ar
 from __future__ import annotations
 
 import contextlib
+import math
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -258,13 +259,13 @@ def _split_buffer(state: LayerState, c: str, arena: Arena) -> torch.Tensor:
     name = f"split[{state.index}]:{c}"
     if name in arena.blocks and _tokens_lead(state, c):
         lease = arena.lease(name)
-        full = lease.tensor(shape, dtype, order)
         # its copied tokens go in now: past the bytes the plan gives them (more tokens copied
-        # than planned, alpha raised at run time), they would land on what the plan puts after
-        # them until the block grows
-        head = full.numel() // shape[state.axis[c]] * state.split_at[c] * dtype.itemsize \
-            if full is not None else 0
-        if full is not None and (head <= lease.size or lease.extend()):
+        # than planned, alpha raised at run time), they would land on what the plan puts beside
+        # them until the block grows: then it grows now, unless it grows down (below it lie the
+        # next layer's copied tokens, which grow up soon)
+        head = math.prod(shape) // shape[state.axis[c]] * state.split_at[c] * dtype.itemsize
+        full = lease.tensor(shape, dtype, order, last=head)
+        if full is not None and (head <= lease.size or (lease.grow > 0 and lease.extend())):
             state.split_lease[c] = lease
             return full
         lease.release()
