@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import random
-import re
 import sys
 import time
 
