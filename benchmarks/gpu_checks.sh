@@ -75,10 +75,13 @@ if [ "$DEV" = cuda ]; then
     python -c "from memoplan.runtime.allocator import build; print(build())"
 fi
 
-# (a) bf16 gradients of the 7B-shaped 2-layer stack at 8K: alpha 0, 0.5, 1, poison on, with
-# PyTorch's allocator and (a child each) the planned one
+# (a) bf16 gradients of the 7B-shaped stack at 8K, 3 layers (at alpha 0.5 layer 0 copies its
+# split tensors' last tokens, its blocks growing down, and the kept layer 2's split tensors
+# have blocks of their own): alpha 0, 0.5, 1, poison on, with PyTorch's allocator and (a
+# child each) the planned one
 step "gradients, $PRESET stack, $S8K tokens" "$T_GRADS" "$RES/gpu-grads-$PRESET.md" \
   python benchmarks/gpu_correctness.py "${COMMON[@]}" --models stack --seq "$S8K" \
+  --layers 3 --profile "$TMP/stack3-$PRESET.json" \
   --alphas 0 0.5 1 --steps 2 --planned-allocator --child-timeout 45 \
   --out "$RES/gpu-grads-$PRESET.md"
 
