@@ -515,6 +515,21 @@ def test_a_chain_growing_up_and_down_in_turn_needs_one_whole_tensor_and_a_head(l
     assert result.status == "optimal"
 
 
+def test_blocks_that_do_not_follow_each_other_as_in_the_backward_do_not_chain():
+    """A chain's merged block holds its links only when each layer's copied tokens come as the
+    layer above grows, and grow once it is gone (the review's counterexample: the lower layer's
+    copied tokens there from the start would lie over a block dead before the upper grows)."""
+    from memoplan.solve.levels import chained_splits, chains
+
+    upper = Block(id="split[1]:t", size=1, start=0, end=4, grow=2, grow_at=2)
+    lower = Block(id="split[0]:t", size=1, start=0, end=5, grow=2, grow_at=3, grows_down=True)
+    assert chains([upper, lower, block("f", 3, 0, 2)]) == []
+    assert chained_splits([upper, lower, block("f", 3, 0, 2)], 2) is None
+    follows = dataclasses.replace(lower, start=2, grow_at=4, end=6)
+    assert chains([upper, follows]) == [[upper, follows]]
+    check_placement([upper, follows], chained_splits([upper, follows], 2))
+
+
 def test_a_block_growing_down_holds_its_last_bytes_first():
     """A block that grows down holds [offset + grow, offset + top) until it grows: what lies
     there must be dead by its start or it must lie elsewhere, and its first bytes are free

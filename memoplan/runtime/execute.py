@@ -3,9 +3,10 @@
 Forward runs the forward graph and keeps, of what backward will read, only what the plan says:
 layer input and mixing outputs (and saved tensors that are not token-wise) copied to host whole,
 the first ``alpha`` share of the tokens of each token-wise saved tensor copied to host (the
-last share where the plan's blocks for them grow down: ``copy_last``), the rest dropped. Backward brings the copies back, recomputes the dropped tokens from the kept values
-through the token-wise ops (never through attention; the union of what the split tensors need,
-each op once, writing them into their buffers), and runs the backward graph. Layers in
+last share where the plan's blocks for them grow down: ``copy_last``), the rest dropped.
+Backward brings the copies back, recomputes the dropped tokens from the kept values through the
+token-wise ops (never through attention; the union of what the split tensors need, each op
+once, writing them into their buffers), and runs the backward graph. Layers in
 ``keep`` mode keep their saved tensors on the device; ``recompute`` (checkpointed) layers keep
 only their input and re-run the whole forward.
 

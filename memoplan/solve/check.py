@@ -1,7 +1,8 @@
 """The independent checker every solved plan is replayed through (OLLA's address validation).
 
 It shares no code with the solvers: it recomputes the lower bound with its own sweep and tests
-every pair of blocks live at a common step for overlapping addresses. Lifetimes and address
+every pair of blocks live at a common step for overlapping addresses, with the bytes each holds
+at each step worked out on its own (`_held`). Lifetimes and address
 ranges are half-open, ``[start, end)`` and ``[offset, offset + size)``.
 """
 
@@ -94,16 +95,27 @@ def _check_disjoint(blocks: Sequence[Block], placement: Placement) -> None:
 
 
 def _check_pair(a: Block, b: Block, offsets: dict) -> None:
-    """Raise when blocks a and b (live at a common step) share an address (each holding what
-    it holds during their common steps: a growing block its grown size once it has grown)."""
-    (low_a, high_a), (low_b, high_b) = ((offsets[x.id] + lo, offsets[x.id] + hi)
-                                        for x, (lo, hi) in ((a, a.span(b)), (b, b.span(a))))
-    if low_a < high_b and low_b < high_a:
-        raise PlanCheckError(
-            f"blocks {a.id!r} ([{low_a}, {high_a}) bytes, steps [{a.start}, {a.end})) "
-            f"and {b.id!r} ([{low_b}, {high_b}) bytes, steps [{b.start}, {b.end})) "
-            "are live together at overlapping addresses"
-        )
+    """Raise when blocks a and b (live at a common step) share an address at a step both live:
+    the first such step, or one where either grows (what each holds changes only there)."""
+    first, last = max(a.start, b.start), min(a.end, b.end)
+    grows = {x.grow_at for x in (a, b) if x.grow and first < x.grow_at < last}
+    for step in sorted({first} | grows):
+        (low_a, high_a), (low_b, high_b) = (_held(x, offsets[x.id], step) for x in (a, b))
+        if low_a < high_b and low_b < high_a:
+            raise PlanCheckError(
+                f"blocks {a.id!r} ([{low_a}, {high_a}) bytes, steps [{a.start}, {a.end})) "
+                f"and {b.id!r} ([{low_b}, {high_b}) bytes, steps [{b.start}, {b.end})) "
+                f"are live together at overlapping addresses (step {step})"
+            )
+
+
+def _held(block: Block, offset: int, step: int) -> tuple[int, int]:
+    """The address range a block holds at a step it lives: all of it once it has grown, else
+    its first ``size`` bytes, or its last where it grows down."""
+    top = offset + block.size + block.grow
+    if not block.grow or step >= block.grow_at:
+        return offset, top
+    return (top - block.size, top) if block.grows_down else (offset, offset + block.size)
 
 
 def _live_bytes_peak(blocks: Sequence[Block]) -> int:

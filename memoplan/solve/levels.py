@@ -382,11 +382,12 @@ def chained_splits(blocks: list[Block], layers: int, *,
         return None
     inside = {b.id for c in found for b in c}
     merged = [b for b in live if b.id not in inside] + [_merged(c) for c in found]
-    tries = [solve_greedy(merged), phase_ordered(merged, Steps(layers).head)]
+    starts = [solve_greedy(merged), phase_ordered(merged, Steps(layers).head)]
+    tries = list(starts)
     if deadline is not None:
         target = hole_bound(live)
-        for n, start in enumerate(list(tries)):
-            share = (deadline - time.perf_counter()) / (len(tries) - n)
+        for n, start in enumerate(starts):
+            share = (deadline - time.perf_counter()) / (len(starts) - n)
             searched = search_orders(merged, start.offsets, target=target,
                                      deadline=time.perf_counter() + share)
             tries.append(dataclasses.replace(start, offsets=searched,
@@ -406,8 +407,10 @@ def chained_splits(blocks: list[Block], layers: int, *,
 
 def chains(live: list[Block]) -> list[list[Block]]:
     """Each split tensor's runs of layers that interleave (`chained_splits`), top layer first:
-    consecutive layers whose growing blocks match in size and growth and alternate in
-    direction, the first growing up. Runs of one layer are left out."""
+    consecutive layers whose growing blocks match in size and growth, alternate in direction
+    (the first growing up) and follow each other in time as in the backward (the next layer's
+    copied tokens come when a layer grows, after the layer above it is gone, and grow after
+    it is gone). Runs of one layer are left out."""
     by_tensor: dict[str, dict[int, Block]] = {}
     for b in live:
         name, _, tensor = str(b.id).partition(":")
@@ -418,8 +421,12 @@ def chains(live: list[Block]) -> list[list[Block]]:
         run: list[Block] = []
         for i in sorted(members, reverse=True):
             b, last = members[i], run[-1] if run else None
+            # the layer below: its copied tokens come when this one grows, it grows once this
+            # one is gone, and they come once the layer above this one is gone (as
+            # `level2_blocks` makes them)
             if last is not None and members.get(i + 1) is last and b.grows_down != last.grows_down \
-                    and (b.size, b.grow) == (last.size, last.grow):
+                    and (b.size, b.grow) == (last.size, last.grow) and b.start == last.grow_at \
+                    and last.end <= b.grow_at and (len(run) < 2 or run[-2].end <= b.start):
                 run.append(b)
                 continue
             if len(run) > 1:
