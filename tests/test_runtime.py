@@ -63,6 +63,24 @@ def _assert_same(model, ref, rtol=1e-6):
         torch.testing.assert_close(a.grad, b.grad, rtol=rtol, atol=1e-9, msg=name)
 
 
+def _steps_equal(mod, model, ref, lengths, atol_of_largest: float | None = None):
+    """A step at each length: the same loss, and gradients within rtol 1e-6 (atol 1e-9, or
+    `atol_of_largest` times each gradient's largest entry)."""
+    for seq_len in lengths:
+        for m in (model, ref):
+            m.zero_grad()
+        a, b = _loss(mod, model, seq_len), _loss(mod, ref, seq_len)
+        a.backward()
+        b.backward()
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+        if atol_of_largest is None:
+            _assert_same(model, ref)
+            continue
+        for (pname, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
+            atol = atol_of_largest * q.grad.abs().max().item()
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=atol, msg=pname)
+
+
 def _pair(name, plans, **plan_kw):
     mod = _module(name)
     model = mod.build_model()
@@ -77,14 +95,7 @@ def test_gradients_equal_plain_training(plans, name, alpha):
     if name not in plans:
         pytest.skip("transformers is not installed")
     mod, model, ref = _pair(name, plans, alpha=alpha)
-    for seq_len in (96, 131):  # 131 tokens: alpha * 131 is not a whole number of tokens
-        for m in (model, ref):
-            m.zero_grad()
-        a, b = _loss(mod, model, seq_len), _loss(mod, ref, seq_len)
-        a.backward()
-        b.backward()
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
-        _assert_same(model, ref)
+    _steps_equal(mod, model, ref, (96, 131))  # 131 tokens: alpha * 131 is no whole number
     runner = model._memoplan_runner
     n = len(plans[name].layers)
     assert runner.calls == 2 * n
@@ -134,18 +145,10 @@ def test_split_tensors_copied_by_their_last_tokens_and_a_kept_layers_own_blocks(
     model = mod.build_model()
     ref = copy.deepcopy(model)
     apply(model, plan, debug_poison=True)
-    for seq_len in (96, 131, 512):  # (the runtime ignoring the last-token copies: NaN at 512)
-        for m in (model, ref):
-            m.zero_grad()
-        a, b = _loss(mod, model, seq_len), _loss(mod, ref, seq_len)
-        a.backward()
-        b.backward()
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
-        for (pname, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
-            # a matmul over the first tokens alone may round differently (its blocking): the
-            # differences stay at float32's rounding of the largest gradient
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6,
-                                       atol=1e-6 * q.grad.abs().max().item(), msg=pname)
+    # (the runtime ignoring the last-token copies: NaN at 512) a matmul over the first tokens
+    # alone may round differently (its blocking): the differences stay at float32's rounding
+    # of the largest gradient
+    _steps_equal(mod, model, ref, (96, 131, 512), atol_of_largest=1e-6)
     assert copied_last == {int(k[6:].split("]")[0]) for k in it.grows_down}
     s = stats(model)
     assert s["recomputed_tokens"] > 0 and s["arena_fallbacks"] == 0, s
