@@ -396,7 +396,7 @@ def chained_splits(blocks: list[Block], layers: int, *,
     at = base.offsets
     offsets = {b.id: at[b.id] for b in live if b.id not in inside}
     for c in found:
-        offsets.update(_unmerged(c, at[_merged(c).id]))
+        offsets.update(_unmerged(c, at[f"chain:{c[0].id}"]))
     for b in blocks:
         offsets.setdefault(b.id, 0)
     return Placement(offsets=offsets, peak=peak_of(live, offsets), lower_bound=lower_bound(live),
