@@ -514,9 +514,9 @@ class LevelPlan:
     grows: dict[str, tuple[int, int]] = field(default_factory=dict)
     # growing blocks whose extra bytes come right before `sizes`' (solve.dsa.Block.grows_down)
     grows_down: tuple[str, ...] = ()
-    # where the offsets come from ("greedy", "phase-ordered", "stacked", "folded", "search",
-    # "mip") and what the solver ran and skipped, and why (solve.dsa.Placement.note); "" in
-    # older plans
+    # where the offsets come from ("greedy", "phase-ordered", "stacked", "chained", "search",
+    # "mip"; "folded" in plans written before "chained") and what the solver ran and skipped,
+    # and why (solve.dsa.Placement.note); "" in older plans
     method: str = ""
     note: str = ""
 
